@@ -1,0 +1,1 @@
+"""Eval runner (POPE, CHAIR, lm-eval); see the eval issue."""

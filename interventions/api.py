@@ -1,0 +1,178 @@
+"""Public entry points: `wrap`, `unwrap`, `apply`, `methods`, `families`."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import families as _families
+from . import methods as _methods
+from .core.attention import KEYS
+from .core.session import Session
+from .errors import AlreadyWrappedError, ConfigError
+from .methods.base import Method, ModelInfo
+from .version import __version__
+
+CONFIG_SCHEMA = 1
+_HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
+
+Stack = str | Sequence[tuple[str, Mapping[str, Any]]] | Mapping[str, Any]
+
+
+def methods() -> list[str]:
+    """Sorted names of the available methods."""
+    return _methods.METHODS.names()
+
+
+def families() -> list[str]:
+    """Sorted `config.model_type` values this library can wrap."""
+    return _families.FAMILIES.names()
+
+
+class Handle:
+    """What `wrap` returns: the stack's config and the way back.
+
+    Attributes:
+        model (`torch.nn.Module`): the wrapped model (patched in place).
+        methods (`list[Method]`): the bound methods, in stack order.
+    """
+
+    def __init__(self, model: torch.nn.Module, session: Session) -> None:
+        self.model = model
+        self.methods = session.methods
+        self._session = session
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description of the stack; `iv.wrap(model, handle.config)` rebuilds it."""
+        return {
+            "schema": CONFIG_SCHEMA,
+            "library": f"interventions {__version__}",
+            "stack": [{"method": m.name, "params": m.config.to_params()} for m in self.methods],
+        }
+
+    def unwrap(self) -> None:
+        """Restore the model's original behaviour bit for bit. Safe to call twice."""
+        self._session.detach()
+        if _HANDLES.get(self.model) is self:
+            del _HANDLES[self.model]
+
+    def __repr__(self) -> str:
+        stack = ", ".join(m.name for m in self.methods)
+        return f"Handle({type(self.model).__name__}, [{stack}])"
+
+
+def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
+    """Apply one method, or a stack of methods, to an already-loaded transformers model, in place.
+
+    Everything is validated first; on any error the model is left untouched.
+
+    Args:
+        model (`transformers.PreTrainedModel`): a model of a supported family (`families()`), with SDPA or eager
+            attention in its text decoder.
+        name_or_stack (`str`, `list[tuple[str, dict]]` or `dict`): a method name (parameters as keyword
+            arguments), a list of `(name, params)` applied in list order, or a `Handle.config` dict.
+        **params: parameters of the single named method.
+
+    Returns:
+        `Handle`: with `.config` and `.unwrap()`.
+
+    Raises:
+        ValueError: unknown method or parameter, wrong type or range, unsupported family or attention backend,
+            or a model that is already wrapped.
+
+    Example:
+        >>> h = iv.wrap(model, "act", beta=0.4, layers=[2, 3])
+        >>> out = model.generate(**inputs)
+        >>> h.unwrap()
+    """
+    stack = _parse_stack(name_or_stack, params)
+    configs = [_methods.METHODS.get(name).config_class.from_params(p) for name, p in stack]
+    adapter = _families.resolve(model)
+    if model in _HANDLES:
+        raise AlreadyWrappedError(
+            f"{type(model).__name__} is already wrapped with {_HANDLES[model]!r}; call unwrap() first, or pass "
+            "all methods at once as a stack"
+        )
+    text_config = adapter.text_config(model)
+    base = text_config._attn_implementation
+    if base in KEYS.values():
+        raise AlreadyWrappedError(f"{type(model).__name__} already uses an interventions attention key ({base})")
+    if base not in KEYS:
+        raise ConfigError(
+            f"the text decoder uses attn_implementation={base!r}; interventions needs 'sdpa' or 'eager' "
+            "(load the model with attn_implementation='sdpa')"
+        )
+    info = ModelInfo(
+        family=adapter.name,
+        num_layers=len(adapter.attention_modules(model)),
+        num_heads=text_config.num_attention_heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
+        has_images=adapter.has_images,
+    )
+    bound: list[Method] = []
+    for config in configs:
+        method = _methods.METHODS.get(config.NAME)(config)
+        method.bind(info)
+        bound.append(method)
+    session = Session(model, adapter, bound, base)
+    session.attach()
+    handle = Handle(model, session)
+    _HANDLES[model] = handle
+    return handle
+
+
+def unwrap(model: torch.nn.Module) -> None:
+    """Undo `wrap` on `model`; a model that is not wrapped is left as is."""
+    handle = _HANDLES.get(model)
+    if handle is not None:
+        handle.unwrap()
+
+
+@contextlib.contextmanager
+def apply(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Iterator[Handle]:
+    """`wrap` for the duration of a `with` block; unwraps on exit, also on an exception.
+
+    Example:
+        >>> with iv.apply(model, "pai", alpha=0.2):
+        ...     out = model.generate(**inputs)
+    """
+    handle = wrap(model, name_or_stack, **params)
+    try:
+        yield handle
+    finally:
+        handle.unwrap()
+
+
+def _parse_stack(name_or_stack: Stack, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(name_or_stack, str):
+        return [(name_or_stack, params)]
+    if params:
+        raise ConfigError("keyword parameters go with a single method name; put them inside the stack entries")
+    if isinstance(name_or_stack, Mapping):
+        extra = set(name_or_stack) - {"schema", "library", "stack"}
+        if extra or "stack" not in name_or_stack:
+            raise ConfigError(f"a config dict has keys schema, library, stack; got {sorted(name_or_stack)}")
+        if name_or_stack.get("schema", CONFIG_SCHEMA) != CONFIG_SCHEMA:
+            raise ConfigError(f"config schema {name_or_stack['schema']!r} is not supported (expected {CONFIG_SCHEMA})")
+        entries = []
+        for entry in name_or_stack["stack"]:
+            if not isinstance(entry, Mapping) or set(entry) - {"method", "params"} or "method" not in entry:
+                raise ConfigError(f"a stack entry is {{'method': name, 'params': {{...}}}}; got {entry!r}")
+            entries.append((entry["method"], dict(entry.get("params", {}))))
+        return entries
+    entries = []
+    for entry in name_or_stack:
+        if isinstance(entry, str):
+            entries.append((entry, {}))
+        elif isinstance(entry, Sequence) and len(entry) == 2 and isinstance(entry[1], Mapping):
+            entries.append((entry[0], dict(entry[1])))
+        else:
+            raise ConfigError(f"a stack entry is a method name or a (name, params) pair; got {entry!r}")
+    if not entries:
+        raise ConfigError("the stack is empty; give at least one method")
+    return entries

@@ -1,0 +1,127 @@
+"""The one attention function this library registers in transformers' `AttentionInterface`.
+
+It is switched on for the text decoder only (its config's `_attn_implementation` is set to one of `KEYS`), and it
+is neutral by itself: a layer that no method touches calls the backend the model had before (SDPA or eager) with
+the same arguments. A touched layer still runs that backend for every row, then recomputes explicitly only the rows
+and heads the methods asked for (`RowLogits`) and writes them back.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .rows import RowLogits, allowed_keys, row_logits, row_output
+
+if TYPE_CHECKING:
+    from .session import Session
+
+#: registered key per base implementation; the mask function of each key is the base's own
+KEYS: dict[str, str] = {"sdpa": "interventions_sdpa", "eager": "interventions_eager"}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Links one text-decoder attention module to the session that owns it and to its base backend."""
+
+    session: Session
+    layer: int
+    base: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+_BINDINGS: weakref.WeakKeyDictionary[torch.nn.Module, Binding] = weakref.WeakKeyDictionary()
+
+#: counts calls per dispatch path; tests assert on it to prove untouched layers still run the base backend
+DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
+
+
+def base_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+    """The function the module would call without wrapping: SDPA, or its modeling file's eager function."""
+    if implementation == "sdpa":
+        return sdpa_attention_forward
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def bind(module: torch.nn.Module, binding: Binding) -> None:
+    _BINDINGS[module] = binding
+
+
+def unbind(module: torch.nn.Module) -> None:
+    _BINDINGS.pop(module, None)
+
+
+def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`AttentionInterface` entry point; same contract as `sdpa_attention_forward`."""
+    binding = _BINDINGS.get(module)
+    if binding is None:  # a module this library did not bind (never expected): behave as plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    session = binding.session
+    editors = session.editors(binding.layer)
+    call = session.attention_call(binding.layer, query, key) if editors else None
+    requests = [(m, r) for m in editors if (r := m.request(call)) is not None] if call is not None else []
+    want_weights = bool(kwargs.get("output_attentions"))
+    if not requests:
+        DISPATCH_COUNTS["base"] += 1
+        return binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    DISPATCH_COUNTS["edited"] += 1
+    out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                **kwargs)
+    batch, num_heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    groups = num_heads // key.shape[1]
+    device = query.device
+    if want_weights:
+        rows_local = torch.arange(q_len, device=device)
+        heads = torch.arange(num_heads, device=device)
+    else:
+        row_flags = torch.zeros(q_len, dtype=torch.bool, device=device)
+        head_flags = torch.zeros(num_heads, dtype=torch.bool, device=device)
+        for _, req in requests:
+            row_flags |= req.rows
+            if req.heads is None:
+                head_flags[:] = True
+            else:
+                head_flags[req.heads] = True
+        rows_local = row_flags.nonzero().squeeze(1)
+        heads = head_flags.nonzero().squeeze(1)
+
+    allowed, additive = allowed_keys(attention_mask, batch, q_len, kv_len, device)
+    view = RowLogits(
+        logits=row_logits(query, key, heads, rows_local, groups, scaling, additive, kwargs.get("softcap")),
+        allowed=allowed[:, :, rows_local],
+        heads=heads,
+        rows=call.query_positions[rows_local],
+    )
+    for method, req in requests:
+        method.edit(call, view, req)
+
+    probs = view.probs()
+    edited = row_output(probs, value, heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
+    has_key = view.allowed.any(-1).transpose(1, 2)[..., None]  # (batch, rows, 1, 1): fully masked rows keep base
+    block = out[:, rows_local]
+    block[:, :, heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, heads])
+    out = out.clone()
+    out[:, rows_local] = block
+    if want_weights:
+        weights = probs.to(query.dtype)
+    return out, weights
+
+
+AttentionInterface.register(KEYS["sdpa"], intervened_attention)
+AttentionInterface.register(KEYS["eager"], intervened_attention)
+AttentionMaskInterface.register(KEYS["sdpa"], sdpa_mask)
+AttentionMaskInterface.register(KEYS["eager"], eager_mask)

@@ -1,0 +1,136 @@
+"""The state of one wrapped model: which methods touch which layers, the token roles of the current sequence,
+and every change made to the model, so that `detach` undoes exactly those changes."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import InputError
+from .attention import KEYS, Binding, base_attention, bind, unbind
+from .roles import TokenRoles
+
+if TYPE_CHECKING:
+    from ..families.base import FamilyAdapter
+    from ..methods.base import AttentionCall, Method
+
+
+class Session:
+    """Owns the hooks and per-sequence state of one wrapped model."""
+
+    def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, methods: list[Method], base: str) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        self.base = base
+        self.roles: TokenRoles | None = None
+        self._image_ids = adapter.image_token_ids(model)
+        self._prompt_len: int | None = None  # set while `generate` runs
+        self._by_layer: dict[int, list[Method]] = {}
+        for method in methods:
+            for layer in method.touched_layers:
+                self._by_layer.setdefault(layer, []).append(method)
+        self._undo: list[Any] = []
+
+    # ---- attach / detach -------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Switch the text decoder to the intervened attention and install the hooks."""
+        config = self.adapter.text_config(self.model)
+        previous = config._attn_implementation_internal
+        for layer, module in self.adapter.attention_modules(self.model):
+            bind(module, Binding(self, layer, base_attention(module, self.base)))
+            self._undo.append(functools.partial(unbind, module))
+        config._attn_implementation_internal = KEYS[self.base]
+        self._undo.append(functools.partial(setattr, config, "_attn_implementation_internal", previous))
+        hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._undo.append(hook.remove)
+        self._wrap_generate()
+
+    def detach(self) -> None:
+        """Undo every change `attach` made, newest first. Safe to call twice."""
+        while self._undo:
+            self._undo.pop()()
+        self.roles = None
+
+    def _wrap_generate(self) -> None:
+        # An instance attribute shadowing the class method, so that the user's own `model.generate(...)` tells the
+        # session where the prompt ends (also when every step recomputes the full sequence without a cache).
+        model = self.model
+        had_own = "generate" in vars(model)
+        own = vars(model).get("generate")
+        original = model.generate
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+            if prompt is None and kwargs.get("inputs_embeds") is not None:
+                prompt = kwargs["inputs_embeds"][..., 0]
+            with self._generating(None if prompt is None else prompt.shape[1]):
+                return original(*args, **kwargs)
+
+        model.generate = generate
+        self._undo.append(functools.partial(setattr, model, "generate", own) if had_own
+                          else functools.partial(delattr, model, "generate"))
+
+    @contextlib.contextmanager
+    def _generating(self, prompt_len: int | None) -> Iterator[None]:
+        self._prompt_len = prompt_len
+        try:
+            yield
+        finally:
+            self._prompt_len = None
+
+    # ---- per forward -----------------------------------------------------------------------------------------
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        source = input_ids if input_ids is not None else embeds
+        if source is None:
+            raise InputError("the wrapped model needs input_ids or inputs_embeds")
+        batch, new_len = source.shape[0], source.shape[1]
+        # transformers >= 5.2x passes `cache`; earlier 5.x `past_key_values`
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        if past_len == 0:
+            prompt_len = new_len if self._prompt_len is None else min(self._prompt_len, new_len)
+            self.roles = TokenRoles.from_prompt(input_ids, mask, self._image_ids, new_len, batch, prompt_len,
+                                                source.device)
+            self._check_inputs(input_ids)
+            for method in self.methods:
+                method.start_sequence(self.roles)
+        elif self.roles is None:
+            raise InputError("decoding with a KV cache that this wrapper did not see filled; run the prompt first")
+        else:
+            self.roles = self.roles.extend(input_ids, mask, past_len, new_len, self._image_ids)
+
+    def _check_inputs(self, input_ids: torch.Tensor | None) -> None:
+        needing = [m.name for m in self.methods if m.needs_image_tokens and m.touched_layers]
+        if not needing:
+            return
+        if input_ids is None:
+            raise InputError(f"{', '.join(needing)} need input_ids to find the image tokens; got inputs_embeds only")
+        prompt_image = self.roles.image[:, : self.roles.prompt_len]
+        missing = (~prompt_image.any(1)).nonzero().flatten().tolist()
+        if missing:
+            raise InputError(
+                f"{', '.join(needing)} need image tokens, but sample(s) {missing} of the batch have none "
+                f"(image token ids {list(self._image_ids)}); build the prompt with the processor and an image"
+            )
+
+    def editors(self, layer: int) -> list[Method]:
+        """Methods touching `layer`, in stack order."""
+        return self._by_layer.get(layer, [])
+
+    def attention_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
+        from ..methods.base import AttentionCall
+
+        if self.roles is None:
+            raise InputError("call the wrapped model itself (its forward records the token roles), not a submodule")
+        total, q_len = self.roles.length, query.shape[2]
+        positions = torch.arange(total - q_len, total, device=query.device)
+        return AttentionCall(layer, self.roles.keys(key.shape[2]), positions)

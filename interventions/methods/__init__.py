@@ -1,0 +1,7 @@
+"""Methods, one module each; importing this package registers them all."""
+
+from . import act, pai  # noqa: F401
+from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest
+from .params import MethodConfig
+
+__all__ = ["METHODS", "AttentionCall", "Method", "MethodConfig", "ModelInfo", "RowRequest"]

@@ -1,0 +1,134 @@
+"""ACT, attention calibration of hidden sinks (Yu et al., ICML 2024), exact to shared/specs/act.md §3.
+
+In each selected (layer, query head): sink keys are those whose mean attention over the prompt rows that can see
+them exceeds `threshold`; the first detected sink is kept; the other sinks' probabilities are scaled by `beta`
+and the freed mass goes to the non-sink keys in proportion. Implemented as the exact per-row pre-softmax bias
+`log(beta·(1-m)/(1-beta·m))` on the sink keys (m = the row's sink mass), not the static `log beta` shortcut.
+Decode (`reuse_prefill_sinks`): the prompt's sink set is kept and every generated row is calibrated with its own m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.roles import TokenRoles
+from ..core.rows import RowLogits
+from ..errors import ConfigError
+from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
+from .params import MethodConfig, choice, head_list, int_list, number, optional, param
+
+
+@dataclass(frozen=True)
+class ActConfig(MethodConfig):
+    """Config of `act`. Neutral: `beta = 1`. Give `heads` (a searched head list) or `layers` (all their heads);
+    with neither, all heads of layers 2..L-2 (the official code's 2..30 for 32 layers)."""
+
+    NAME = "act"
+    STRENGTH = "beta"
+    NEUTRAL = 1.0
+
+    beta: float = param(0.4, "scale of the non-first sink probabilities (1 = off, 0 = remove them)",
+                        "[code] GATECH-EIC/ACT scripts BETA=0.4", number(0.0, 1.0))
+    threshold: float = param(0.1, "a key is a sink when its causal column-mean attention exceeds this",
+                             "[code] THRES=0.1 (absolute column mean; spec §3.1)", number(0.0, 1.0, lo_open=True))
+    heads: tuple | None = param(None, "(layer, head) pairs, a {layer: [heads]} mapping or a JSON file path",
+                                "[code] models/augment_index.py; offline head search", optional(head_list))
+    layers: tuple | None = param(None, "calibrate all heads of these layers (exclusive with heads)",
+                                 "[code] range(2, 31) for Llama-2-7B", optional(int_list()))
+    decode_policy: str = param("reuse_prefill_sinks", "generated rows: calibrate with the prompt's sinks, or not",
+                               "[derived] spec §3.2", choice("reuse_prefill_sinks", "prefill_only"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.heads is not None and self.layers is not None:
+            raise ConfigError("act: give either heads or layers, not both")
+
+
+@METHODS.register("act")
+class Act(Method):
+    """Hidden-sink calibration; see `ActConfig`."""
+
+    config_class = ActConfig
+
+    def bind(self, model: ModelInfo) -> None:
+        cfg: ActConfig = self.config
+        if cfg.heads is not None:
+            bad = [p for p in cfg.heads if p[0] >= model.num_layers or p[1] >= model.num_heads]
+            if bad:
+                raise ConfigError(
+                    f"act: heads {bad[:5]} out of range; this model has {model.num_layers} layers of "
+                    f"{model.num_heads} query heads"
+                )
+            per_layer: dict[int, list[int]] = {}
+            for layer, head in cfg.heads:
+                per_layer.setdefault(layer, []).append(head)
+        else:
+            layers = layer_range(model, "act", cfg.layers, range(2, model.num_layers - 1))
+            per_layer = {layer: list(range(model.num_heads)) for layer in layers}
+        if not per_layer:
+            raise ConfigError(
+                f"act: no head selected (model has {model.num_layers} layers; the default layers 2..L-2 are empty "
+                "for it); pass layers=[...] or heads=[...]"
+            )
+        self._heads = {layer: torch.tensor(heads) for layer, heads in per_layer.items()}
+        self._num_heads = model.num_heads
+        self.touched_layers = frozenset() if cfg.is_neutral else frozenset(per_layer)
+        self._sinks: dict[int, torch.Tensor] = {}
+
+    def start_sequence(self, roles: TokenRoles) -> None:
+        self._sinks = {}
+
+    def _edited_rows(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        if self.config.decode_policy == "prefill_only":
+            return positions < prompt_len
+        return torch.ones_like(positions, dtype=torch.bool)
+
+    def request(self, call: AttentionCall) -> RowRequest | None:
+        if not call.covers_prompt and call.layer not in self._sinks:
+            raise RuntimeError(f"act: layer {call.layer} decodes before its prompt was seen")
+        rows = self._edited_rows(call.query_positions, call.roles.prompt_len)
+        if call.covers_prompt:  # every prompt row is needed to find the sinks
+            rows = rows | (call.query_positions < call.roles.prompt_len)
+        if not bool(rows.any()):
+            return None
+        return RowRequest(rows, self._heads[call.layer].to(rows.device))
+
+    def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
+        roles, prompt_len = call.roles, call.roles.prompt_len
+        probs = view.probs()
+        selected = torch.isin(view.heads, request.heads)
+        if call.covers_prompt:
+            self._sinks[call.layer] = self._find_sinks(view, probs, selected, roles)
+        sinks = self._sinks[call.layer][:, view.heads]  # (batch, heads, prompt_len)
+        sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
+        mass = (probs * sinks).sum(-1, keepdim=True)  # (batch, heads, rows, 1)
+        beta = self.config.beta
+        bias = torch.log(beta * (1 - mass) / (1 - beta * mass))
+        bias = torch.where(mass < 1, bias, torch.zeros_like(bias))  # a row with all its mass on sinks is left as is
+        rows = self._edited_rows(view.rows, prompt_len).view(1, 1, -1, 1)
+        where = sinks & rows & selected.view(1, -1, 1, 1)
+        view.add_bias(torch.where(where, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
+
+    def _find_sinks(self, view: RowLogits, probs: torch.Tensor, selected: torch.Tensor,
+                    roles: TokenRoles) -> torch.Tensor:
+        """`(batch, num_heads, prompt_len)` bool: sink keys of each sample and head, the first sink dropped."""
+        prompt_len = roles.prompt_len
+        prompt_rows = view.rows < prompt_len
+        rows_valid = roles.valid[:, view.rows[prompt_rows]][:, None, :, None]  # (batch, 1, rows, 1)
+        seen = view.allowed[:, :, prompt_rows, :prompt_len] & rows_valid
+        received = (probs[:, :, prompt_rows, :prompt_len] * rows_valid).sum(2)  # (batch, heads, prompt_len)
+        count = seen.sum(2)  # valid prompt rows that can see each key
+        score = received / count.clamp_min(1)
+        found = (score > self.config.threshold) & (count > 0) & roles.valid[:, None, :prompt_len]
+        found &= selected.view(1, -1, 1)
+        first = torch.nn.functional.one_hot(found.int().argmax(-1), prompt_len).bool()
+        sinks = found & ~first
+        full = torch.zeros(sinks.shape[0], self._num_heads, prompt_len, dtype=torch.bool, device=sinks.device)
+        full[:, view.heads] = sinks
+        return full
+
+    def sink_positions(self) -> dict[int, torch.Tensor]:
+        """Sinks found at the last prefill, `{layer: (batch, num_heads, prompt_len) bool}` (first sink dropped)."""
+        return dict(self._sinks)
