@@ -63,7 +63,7 @@ DOUBLE_NEWLINE_ID = 11
 FIRST_TEXT_ID = 16
 """Ordinary text ids are drawn uniformly from ``[FIRST_TEXT_ID, VOCAB_SIZE)``."""
 
-INITIALIZER_RANGE = 0.2
+INITIALIZER_RANGE = 0.1
 """Ten times the usual init std, so that attention is far from uniform and logits differ between tokens."""
 
 SOURCE_IMAGE_SIZE = (20, 28)
@@ -311,6 +311,9 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     spec = _FAMILY_SPECS[family]
     torch.manual_seed(seed)
     model = spec.model_class._from_config(spec.config(), attn_implementation="sdpa", dtype=dtype)
+    if family == "gemma3":
+        # Gemma3 zero-initialises its vision-to-text projection, which would embed every image as zeros.
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=INITIALIZER_RANGE)
     return model.eval()
 
 

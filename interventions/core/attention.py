@@ -61,64 +61,67 @@ def unbind(module: torch.nn.Module) -> None:
 def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`AttentionInterface` entry point; same contract as `sdpa_attention_forward`."""
+    """`AttentionInterface` entry point; same contract as `sdpa_attention_forward`.
+
+    With `output_attentions=True` every layer returns its explicit (edited) weights, whatever the base backend.
+    """
     binding = _BINDINGS.get(module)
     if binding is None:  # a module this library did not bind (never expected): behave as plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    session = binding.session
-    editors = session.editors(binding.layer)
-    call = session.attention_call(binding.layer, query, key) if editors else None
-    requests = [(m, r) for m in editors if (r := m.request(call)) is not None] if call is not None else []
     want_weights = bool(kwargs.get("output_attentions"))
-    if not requests:
-        DISPATCH_COUNTS["base"] += 1
-        return binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
-    DISPATCH_COUNTS["edited"] += 1
+    editors = binding.session.editors(binding.layer)
+    call = binding.session.attention_call(binding.layer, query, key) if editors or want_weights else None
+    requests = [(m, r) for m in editors if (r := m.request(call)) is not None]
+    DISPATCH_COUNTS["edited" if requests else "base"] += 1
     out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                 **kwargs)
-    batch, num_heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    groups = num_heads // key.shape[1]
-    device = query.device
-    if want_weights:
-        rows_local = torch.arange(q_len, device=device)
-        heads = torch.arange(num_heads, device=device)
-    else:
-        row_flags = torch.zeros(q_len, dtype=torch.bool, device=device)
-        head_flags = torch.zeros(num_heads, dtype=torch.bool, device=device)
-        for _, req in requests:
-            row_flags |= req.rows
-            if req.heads is None:
-                head_flags[:] = True
-            else:
-                head_flags[req.heads] = True
-        rows_local = row_flags.nonzero().squeeze(1)
-        heads = head_flags.nonzero().squeeze(1)
+    if not requests and not want_weights:
+        return out, weights
 
-    allowed, additive = allowed_keys(attention_mask, batch, q_len, kv_len, device)
+    batch, num_heads, q_len, _ = query.shape
+    groups = num_heads // key.shape[1]
+    rows_local, heads = _rows_and_heads(requests, q_len, num_heads, query.device, everything=want_weights)
+    allowed, additive = allowed_keys(attention_mask, batch, q_len, key.shape[2], query.device)
     view = RowLogits(
         logits=row_logits(query, key, heads, rows_local, groups, scaling, additive, kwargs.get("softcap")),
         allowed=allowed[:, :, rows_local],
         heads=heads,
         rows=call.query_positions[rows_local],
     )
-    for method, req in requests:
-        method.edit(call, view, req)
-
+    for method, request in requests:
+        method.edit(call, view, request)
     probs = view.probs()
-    edited = row_output(probs, value, heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
-    has_key = view.allowed.any(-1).transpose(1, 2)[..., None]  # (batch, rows, 1, 1): fully masked rows keep base
-    block = out[:, rows_local]
-    block[:, :, heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, heads])
-    out = out.clone()
-    out[:, rows_local] = block
     if want_weights:
         weights = probs.to(query.dtype)
+    if not requests:
+        return out, weights
+
+    edited = row_output(probs, value, heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
+    has_key = view.allowed.any(-1).transpose(1, 2)[..., None]  # fully masked (padding) rows keep the base output
+    block = out[:, rows_local]
+    block[:, :, heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, heads])
+    out = out.clone()  # the base output may be saved for backward
+    out[:, rows_local] = block
     return out, weights
+
+
+def _rows_and_heads(requests: list, q_len: int, num_heads: int, device: torch.device,
+                    everything: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of the requested rows and heads (all of them when `everything`), as index tensors."""
+    if everything:
+        return torch.arange(q_len, device=device), torch.arange(num_heads, device=device)
+    rows = torch.zeros(q_len, dtype=torch.bool, device=device)
+    heads = torch.zeros(num_heads, dtype=torch.bool, device=device)
+    for _, request in requests:
+        rows |= request.rows
+        if request.heads is None:
+            heads[:] = True
+        else:
+            heads[request.heads] = True
+    return rows.nonzero().squeeze(1), heads.nonzero().squeeze(1)
 
 
 AttentionInterface.register(KEYS["sdpa"], intervened_attention)

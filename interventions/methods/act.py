@@ -76,9 +76,10 @@ class Act(Method):
         self._num_heads = model.num_heads
         self.touched_layers = frozenset() if cfg.is_neutral else frozenset(per_layer)
         self._sinks: dict[int, torch.Tensor] = {}
+        self._detected: dict[int, torch.Tensor] = {}
 
     def start_sequence(self, roles: TokenRoles) -> None:
-        self._sinks = {}
+        self._sinks, self._detected = {}, {}
 
     def _edited_rows(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
         if self.config.decode_policy == "prefill_only":
@@ -100,7 +101,10 @@ class Act(Method):
         probs = view.probs()
         selected = torch.isin(view.heads, request.heads)
         if call.covers_prompt:
-            self._sinks[call.layer] = self._find_sinks(view, probs, selected, roles)
+            found = self._find_sinks(view, probs, selected, roles)
+            first = torch.nn.functional.one_hot(found.int().argmax(-1), prompt_len).bool()
+            self._detected[call.layer] = found
+            self._sinks[call.layer] = found & ~first
         sinks = self._sinks[call.layer][:, view.heads]  # (batch, heads, prompt_len)
         sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
         mass = (probs * sinks).sum(-1, keepdim=True)  # (batch, heads, rows, 1)
@@ -113,7 +117,7 @@ class Act(Method):
 
     def _find_sinks(self, view: RowLogits, probs: torch.Tensor, selected: torch.Tensor,
                     roles: TokenRoles) -> torch.Tensor:
-        """`(batch, num_heads, prompt_len)` bool: sink keys of each sample and head, the first sink dropped."""
+        """`(batch, num_heads, prompt_len)` bool: keys whose causal column-mean attention exceeds the threshold."""
         prompt_len = roles.prompt_len
         prompt_rows = view.rows < prompt_len
         rows_valid = roles.valid[:, view.rows[prompt_rows]][:, None, :, None]  # (batch, 1, rows, 1)
@@ -123,12 +127,11 @@ class Act(Method):
         score = received / count.clamp_min(1)
         found = (score > self.config.threshold) & (count > 0) & roles.valid[:, None, :prompt_len]
         found &= selected.view(1, -1, 1)
-        first = torch.nn.functional.one_hot(found.int().argmax(-1), prompt_len).bool()
-        sinks = found & ~first
-        full = torch.zeros(sinks.shape[0], self._num_heads, prompt_len, dtype=torch.bool, device=sinks.device)
-        full[:, view.heads] = sinks
+        full = torch.zeros(found.shape[0], self._num_heads, prompt_len, dtype=torch.bool, device=found.device)
+        full[:, view.heads] = found
         return full
 
-    def sink_positions(self) -> dict[int, torch.Tensor]:
-        """Sinks found at the last prefill, `{layer: (batch, num_heads, prompt_len) bool}` (first sink dropped)."""
-        return dict(self._sinks)
+    def sinks(self, calibrated: bool = True) -> dict[int, torch.Tensor]:
+        """Sinks of the last prefill, `{layer: (batch, num_heads, prompt_len) bool}`: the calibrated ones (the
+        first detected sink of each head dropped), or with `calibrated=False` every detected one."""
+        return dict(self._sinks if calibrated else self._detected)
