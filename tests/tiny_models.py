@@ -23,8 +23,8 @@ torchvision), applied to a random image seeded by the prompt.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal
 
-import numpy as np
 import PIL.Image
 import torch
 import transformers
@@ -64,12 +64,13 @@ FIRST_TEXT_ID = 16
 """Ordinary text ids are drawn uniformly from ``[FIRST_TEXT_ID, VOCAB_SIZE)``."""
 
 INITIALIZER_RANGE = 0.1
-"""Ten times the usual init std, so that attention is far from uniform and logits differ between tokens."""
+"""Five times the usual init std: attention is clearly non-uniform and logits differ between tokens, while a
+prompt's fp32 logits alone and in a padded batch still agree to about 3e-6 (at 0.2 they drift past 1e-5)."""
 
 SOURCE_IMAGE_SIZE = (20, 28)
 """(height, width) of the random image of a prompt, before the family's image processor resizes it."""
 
-_TEXT_CONFIG: dict[str, object] = {
+_TEXT_CONFIG: dict[str, Any] = {
     "vocab_size": VOCAB_SIZE,
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -81,15 +82,15 @@ _TEXT_CONFIG: dict[str, object] = {
     "bos_token_id": BOS_ID,
     "eos_token_id": EOS_ID,
 }
-_VISION_CONFIG: dict[str, object] = {
+_VISION_CONFIG: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 2,
 }
-_CLIP_VISION_CONFIG: dict[str, object] = {**_VISION_CONFIG, "image_size": 16, "patch_size": 4}
-_QWEN_VL_ROPE: dict[str, object] = {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [2, 3, 3]}
-_QWEN_VL_VISION_CONFIG: dict[str, object] = {
+_CLIP_VISION_CONFIG: dict[str, Any] = {**_VISION_CONFIG, "image_size": 16, "patch_size": 4}
+_QWEN_VL_ROPE: dict[str, Any] = {"rope_type": "default", "rope_theta": 10_000.0, "mrope_section": [2, 3, 3]}
+_QWEN_VL_VISION_CONFIG: dict[str, Any] = {
     "depth": 2,
     "num_heads": 2,
     "patch_size": 4,
@@ -130,8 +131,12 @@ class _Family:
     config: Callable[[], transformers.PreTrainedConfig]
     starts_with_bos: bool
     image_processor: Callable[[], transformers.BaseImageProcessor] | None = None
+    vision_keys: tuple[str, ...] = ()
+    """The image-processor outputs the model takes."""
     nested_images: bool = False
     """Whether the image processor takes one list of images per sample (Idefics3, SmolVLM) or a flat list."""
+    token_type_key: str | None = None
+    """The input marking image tokens with 1 and all others with 0, where the processor returns one."""
 
 
 def _llama_config() -> transformers.PreTrainedConfig:
@@ -168,6 +173,7 @@ def _qwen2_vl_config() -> transformers.PreTrainedConfig:
         text_config=transformers.Qwen2VLTextConfig(
             **{**_TEXT_CONFIG, "bos_token_id": None}, rope_parameters=dict(_QWEN_VL_ROPE)
         ),
+        # Qwen2-VL's vision `hidden_size` is the width of the merger's output, i.e. of the text model.
         vision_config=transformers.Qwen2VLVisionConfig(
             **_QWEN_VL_VISION_CONFIG, embed_dim=32, mlp_ratio=2, hidden_size=_TEXT_CONFIG["hidden_size"]
         ),
@@ -272,33 +278,58 @@ _FAMILY_SPECS: dict[str, _Family] = {
     "qwen2": _Family(transformers.Qwen2ForCausalLM, _qwen2_config, starts_with_bos=False),
     "mistral": _Family(transformers.MistralForCausalLM, _mistral_config, starts_with_bos=True),
     "llava": _Family(
-        transformers.LlavaForConditionalGeneration, _llava_config, True, _clip_image_processor
+        transformers.LlavaForConditionalGeneration,
+        _llava_config,
+        starts_with_bos=True,
+        image_processor=_clip_image_processor,
+        vision_keys=("pixel_values",),
     ),
     "llava_next": _Family(
-        transformers.LlavaNextForConditionalGeneration, _llava_next_config, True, _llava_next_image_processor
+        transformers.LlavaNextForConditionalGeneration,
+        _llava_next_config,
+        starts_with_bos=True,
+        image_processor=_llava_next_image_processor,
+        vision_keys=("pixel_values", "image_sizes"),
     ),
     "qwen2_vl": _Family(
-        transformers.Qwen2VLForConditionalGeneration, _qwen2_vl_config, False, _qwen2_vl_image_processor
+        transformers.Qwen2VLForConditionalGeneration,
+        _qwen2_vl_config,
+        starts_with_bos=False,
+        image_processor=_qwen2_vl_image_processor,
+        vision_keys=("pixel_values", "image_grid_thw"),
+        token_type_key="mm_token_type_ids",
     ),
     "qwen2_5_vl": _Family(
-        transformers.Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl_config, False, _qwen2_vl_image_processor
+        transformers.Qwen2_5_VLForConditionalGeneration,
+        _qwen2_5_vl_config,
+        starts_with_bos=False,
+        image_processor=_qwen2_vl_image_processor,
+        vision_keys=("pixel_values", "image_grid_thw"),
+        token_type_key="mm_token_type_ids",
     ),
     "idefics3": _Family(
         transformers.Idefics3ForConditionalGeneration,
         _idefics3_config,
-        True,
-        _idefics3_image_processor,
+        starts_with_bos=True,
+        image_processor=_idefics3_image_processor,
+        vision_keys=("pixel_values", "pixel_attention_mask"),
         nested_images=True,
     ),
     "smolvlm": _Family(
         transformers.SmolVLMForConditionalGeneration,
         _smolvlm_config,
-        False,
-        _smolvlm_image_processor,
+        starts_with_bos=False,
+        image_processor=_smolvlm_image_processor,
+        vision_keys=("pixel_values", "pixel_attention_mask"),
         nested_images=True,
     ),
     "gemma3": _Family(
-        transformers.Gemma3ForConditionalGeneration, _gemma3_config, True, _gemma3_image_processor
+        transformers.Gemma3ForConditionalGeneration,
+        _gemma3_config,
+        starts_with_bos=True,
+        image_processor=_gemma3_image_processor,
+        vision_keys=("pixel_values",),
+        token_type_key="token_type_ids",
     ),
 }
 
@@ -327,7 +358,7 @@ def make_inputs(
     family: str,
     prompts: Sequence[Prompt],
     *,
-    padding_side: str = "left",
+    padding_side: Literal["left", "right"] = "left",
 ) -> dict[str, torch.Tensor]:
     """A padded batch of ``prompts`` for ``model(**inputs)`` and ``model.generate(**inputs)``.
 
@@ -336,24 +367,11 @@ def make_inputs(
     tokens; and, when some prompt has an image, ``pixel_values`` (in the model's dtype) with ``image_sizes``
     (LLaVA-NeXT), ``image_grid_thw`` (Qwen2-VL, Qwen2.5-VL) or ``pixel_attention_mask`` (Idefics3, SmolVLM).
     """
-    spec = _FAMILY_SPECS[family]
-    if spec.image_processor is None and any(prompt.image for prompt in prompts):
-        raise ValueError(f"{family} is a text-only family: its prompts need image=False")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-
-    images = {index: _random_image(prompt.seed) for index, prompt in enumerate(prompts) if prompt.image}
-    vision: dict[str, torch.Tensor] = {}
-    if images:
-        assert spec.image_processor is not None
-        if spec.nested_images:
-            batch_images = [[images[index]] if index in images else [] for index in range(len(prompts))]
-        else:
-            batch_images = list(images.values())
-        processed = spec.image_processor()(batch_images, return_tensors="pt")
-        vision = {key: processed[key] for key in _VISION_KEYS[family]}
-        vision["pixel_values"] = vision["pixel_values"].to(model.dtype)
-    image_blocks = iter(_image_blocks(model.config, family, vision, len(images)))
+    spec = _FAMILY_SPECS[family]
+    vision = _vision_inputs(spec, family, prompts, model.dtype)
+    image_blocks = iter(_image_blocks(model.config, family, vision, sum(prompt.image for prompt in prompts)))
 
     rows = []
     for prompt in prompts:
@@ -369,24 +387,28 @@ def make_inputs(
         attention_mask[index, span] = 1
 
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    image_positions = (input_ids == IMAGE_ID).long()
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        inputs["mm_token_type_ids"] = image_positions
-    elif family == "gemma3":
-        inputs["token_type_ids"] = image_positions
+    if spec.token_type_key is not None:
+        inputs[spec.token_type_key] = (input_ids == IMAGE_ID).long()
     return inputs | vision
 
 
-_VISION_KEYS: dict[str, tuple[str, ...]] = {
-    "llava": ("pixel_values",),
-    "llava_next": ("pixel_values", "image_sizes"),
-    "qwen2_vl": ("pixel_values", "image_grid_thw"),
-    "qwen2_5_vl": ("pixel_values", "image_grid_thw"),
-    "idefics3": ("pixel_values", "pixel_attention_mask"),
-    "smolvlm": ("pixel_values", "pixel_attention_mask"),
-    "gemma3": ("pixel_values",),
-}
-"""The image-processor outputs each family's model takes."""
+def _vision_inputs(
+    spec: _Family, family: str, prompts: Sequence[Prompt], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The image-processor outputs for the images of ``prompts``; empty when none has an image."""
+    images = {index: _random_image(prompt.seed) for index, prompt in enumerate(prompts) if prompt.image}
+    if not images:
+        return {}
+    if spec.image_processor is None:
+        raise ValueError(f"{family} is a text-only family: its prompts need image=False")
+    if spec.nested_images:
+        batch_images: list[Any] = [[images[index]] if index in images else [] for index in range(len(prompts))]
+    else:
+        batch_images = list(images.values())
+    processed = spec.image_processor()(batch_images, return_tensors="pt")
+    vision = {key: processed[key] for key in spec.vision_keys}
+    vision["pixel_values"] = vision["pixel_values"].to(dtype)
+    return vision
 
 
 def _random_image(seed: int) -> PIL.Image.Image:
@@ -400,7 +422,7 @@ def _text_ids(prompt: Prompt, starts_with_bos: bool) -> tuple[list[int], list[in
     if starts_with_bos and prompt.before < 1:
         raise ValueError("this family starts every prompt with BOS, counted in `before`: it must be at least 1")
     generator = torch.Generator().manual_seed(prompt.seed)
-    count = prompt.before + prompt.after - starts_with_bos
+    count = prompt.before + prompt.after - int(starts_with_bos)
     ids = torch.randint(FIRST_TEXT_ID, VOCAB_SIZE, (count,), generator=generator).tolist()
     if starts_with_bos:
         ids = [BOS_ID, *ids]
