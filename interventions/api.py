@@ -114,6 +114,9 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
         has_images=adapter.has_images,
     )
+    loops = [c.NAME for c in configs if "decoding_loop" in _methods.METHODS.get(c.NAME).needs]
+    if len(loops) > 1:
+        raise ConfigError(f"{', '.join(loops)} each run their own decoding loop; stack at most one of them")
     bound: list[Method] = []
     for config in configs:
         method = _methods.METHODS.get(config.NAME)(config)

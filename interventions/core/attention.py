@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from .rows import RowLogits, allowed_keys, row_logits, row_output
 
 if TYPE_CHECKING:
+    from ..methods.base import AttentionCall, Method, RowRequest
     from .session import Session
 
 #: registered key per base implementation; the mask function of each key is the base's own
@@ -64,6 +65,7 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     """`AttentionInterface` entry point; same contract as `sdpa_attention_forward`.
 
     With `output_attentions=True` every layer returns its explicit (edited) weights, whatever the base backend.
+    Per-head outputs (before `o_proj`) pass through the head-output editors last.
     """
     binding = _BINDINGS.get(module)
     if binding is None:  # a module this library did not bind (never expected): behave as plain SDPA
@@ -74,19 +76,30 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     want_weights = bool(kwargs.get("output_attentions"))
     editors = binding.session.editors(binding.layer)
     call = binding.session.attention_call(binding.layer, query, key) if editors or want_weights else None
-    requests = [(m, r) for m in editors if (r := m.request(call)) is not None]
-    DISPATCH_COUNTS["edited" if requests else "base"] += 1
+    requests = [(m, r) for m in editors if "rows" in m.needs and (r := m.request(call)) is not None]
+    head_editors = [m for m in editors if "head_outputs" in m.needs]
+    DISPATCH_COUNTS["edited" if requests or head_editors else "base"] += 1
     out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                 **kwargs)
-    if not requests and not want_weights:
-        return out, weights
+    if requests or want_weights:
+        out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, out, weights,
+                                  want_weights, kwargs.get("softcap"))
+    for method in head_editors:
+        out = method.edit_head_outputs(call, out)
+    return out, weights
 
+
+def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               out: torch.Tensor, weights: torch.Tensor | None, want_weights: bool,
+               softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recompute the requested rows and heads explicitly, let the methods bias them, write them back into `out`."""
     batch, num_heads, q_len, _ = query.shape
     groups = num_heads // key.shape[1]
     rows_local, heads = _rows_and_heads(requests, q_len, num_heads, query.device, everything=want_weights)
     allowed, additive = allowed_keys(attention_mask, batch, q_len, key.shape[2], query.device)
     view = RowLogits(
-        logits=row_logits(query, key, heads, rows_local, groups, scaling, additive, kwargs.get("softcap")),
+        logits=row_logits(query, key, heads, rows_local, groups, scaling, additive, softcap),
         allowed=allowed[:, :, rows_local],
         heads=heads,
         rows=call.query_positions[rows_local],
@@ -108,7 +121,7 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     return out, weights
 
 
-def _rows_and_heads(requests: list, q_len: int, num_heads: int, device: torch.device,
+def _rows_and_heads(requests: list[tuple[Method, RowRequest]], q_len: int, num_heads: int, device: torch.device,
                     everything: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of the requested rows and heads (all of them when `everything`), as index tensors."""
     if everything:

@@ -48,6 +48,13 @@ class Session:
         self._undo.append(functools.partial(setattr, config, "_attn_implementation_internal", previous))
         hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self._undo.append(hook.remove)
+        layers = self.adapter.decoder(self.model).layers
+        for layer, methods in self._by_layer.items():
+            readers = [m for m in methods if "layer_inputs" in m.needs]
+            if readers:
+                hook = layers[layer].register_forward_pre_hook(
+                    functools.partial(self._layer_input, layer, readers), with_kwargs=True)
+                self._undo.append(hook.remove)
         self._wrap_generate()
 
     def detach(self) -> None:
@@ -64,11 +71,17 @@ class Session:
         own = vars(model).get("generate")
         original = model.generate
 
+        loops = [m for m in self.methods if "decoding_loop" in m.needs]
+
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
             prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if prompt is None and kwargs.get("inputs_embeds") is not None:
                 prompt = kwargs["inputs_embeds"][..., 0]
+            if loops:
+                if kwargs.get("custom_generate") is not None:
+                    raise InputError(f"{loops[0].name} runs its own decoding loop; custom_generate cannot be given")
+                kwargs["custom_generate"] = loops[0].decoding_loop
             with self._generating(None if prompt is None else prompt.shape[1]):
                 return original(*args, **kwargs)
 
@@ -85,7 +98,7 @@ class Session:
             self._prompt_len = None
 
     # ---- per forward -----------------------------------------------------------------------------------------
-    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         source = input_ids if input_ids is not None else embeds
@@ -107,6 +120,37 @@ class Session:
             raise InputError("decoding with a KV cache that this wrapper did not see filled; run the prompt first")
         else:
             self.roles = self.roles.extend(input_ids, mask, past_len, new_len, self._image_ids)
+        return self._override_positions(args, kwargs, new_len, past_len)
+
+    def _override_positions(self, args: tuple, kwargs: dict, new_len: int, past_len: int) -> tuple[tuple, dict] | None:
+        changed = False
+        for method in self.methods:
+            if "positions" in method.needs and method.touched_layers:
+                ids = method.positions(self.roles, kwargs.get("position_ids"), new_len)
+                if ids is not None:
+                    kwargs["position_ids"] = ids
+                    changed = True
+        if not changed:
+            return None
+        if kwargs.get("attention_mask") is None:
+            # an explicit 2-D mask keeps transformers from reading remapped ids as packed sequences
+            kwargs["attention_mask"] = self.roles.valid.long()
+        return args, kwargs
+
+    def _layer_input(self, layer: int, readers: list[Method], module: torch.nn.Module, args: tuple,
+                     kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        replaced = False
+        for method in readers:
+            new = method.on_layer_input(layer, hidden, self.roles)
+            if new is not None:
+                hidden, replaced = new, True
+        if not replaced:
+            return None
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
 
     def _check_inputs(self, input_ids: torch.Tensor | None) -> None:
         needing = [m.name for m in self.methods if m.needs_image_tokens and m.touched_layers]

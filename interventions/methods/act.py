@@ -51,6 +51,7 @@ class Act(Method):
     """Hidden-sink calibration; see `ActConfig`."""
 
     config_class = ActConfig
+    needs = frozenset({"rows"})
 
     def bind(self, model: ModelInfo) -> None:
         cfg: ActConfig = self.config

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -58,15 +58,22 @@ class RowRequest:
     heads: torch.Tensor | None = None
 
 
-class Method:
-    """Base class of a method. Subclasses set `config_class` and override the hooks they need.
+#: what a method can ask the core for; a method lists the ones it uses in `Method.needs`
+CAPABILITIES = frozenset({"rows", "head_outputs", "layer_inputs", "positions", "decoding_loop"})
 
-    The core calls, in order: `bind` once at wrap (validate against the model, resolve layers); `start_sequence`
-    at every forward that starts from an empty cache; then, in each touched layer, `request` and, if it returned
-    rows, `edit`.
+
+class Method:
+    """Base class of a method. Subclasses set `config_class` and `needs`, and override the matching hooks.
+
+    The core calls: `bind` once at wrap (validate against the model, resolve `touched_layers`); at each forward,
+    `positions` ("positions") and, from an empty cache, `start_sequence`; in each touched layer,
+    `on_layer_input` ("layer_inputs"), then inside attention `request` + `edit` ("rows") and
+    `edit_head_outputs` ("head_outputs"); `decoding_loop` ("decoding_loop") replaces the loop of `generate`.
     """
 
     config_class: ClassVar[type[MethodConfig]]
+    #: capabilities used, a subset of `CAPABILITIES`
+    needs: ClassVar[frozenset[str]] = frozenset()
     #: the method reads image-token keys, so every prompt must contain image tokens
     needs_image_tokens: ClassVar[bool] = False
 
@@ -90,6 +97,22 @@ class Method:
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         """Edit `view` (add a bias) for the rows and heads of `request`; `view` may hold more rows and heads."""
+
+    def edit_head_outputs(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """Per-head attention outputs before `o_proj`, `(batch, q_len, heads, head_dim)`; return the edited ones."""
+        return out
+
+    def on_layer_input(self, layer: int, hidden: torch.Tensor, roles: TokenRoles) -> torch.Tensor | None:
+        """Input hidden states of a touched decoder layer, `(batch, q_len, hidden)`; return a replacement or None."""
+        return None
+
+    def positions(self, roles: TokenRoles, position_ids: torch.Tensor | None, new_len: int) -> torch.Tensor | None:
+        """Position ids for the `new_len` newest tokens (`roles` already includes them), or None to keep them."""
+        return None
+
+    def decoding_loop(self, model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """Replaces `generate`'s decoding loop (a transformers `custom_generate` callable)."""
+        raise NotImplementedError
 
 
 METHODS: Registry[type[Method]] = Registry("method")

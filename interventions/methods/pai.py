@@ -39,6 +39,7 @@ class Pai(Method):
     """Last-row image-logit amplification; see `PaiConfig` and shared/specs/pai.md §3.1."""
 
     config_class = PaiConfig
+    needs = frozenset({"rows"})
     needs_image_tokens = True
 
     def bind(self, model: ModelInfo) -> None:
