@@ -55,6 +55,32 @@ class Handle:
             "stack": [{"method": m.name, "params": m.config.to_params()} for m in self.methods],
         }
 
+    def set_template(self, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Learn the chat template's fixed token prefix and suffix around a user message, so that token roles
+        mark them as template and `roles.question` is the user's text alone.
+
+        Args:
+            tokenizer: a tokenizer with a chat template, or a processor holding one (`.tokenizer`).
+
+        Returns:
+            `(prefix ids, suffix ids)`: the ids common to two renderings with different user texts.
+        """
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        renders = [
+            tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"]
+            for text in ("Alpha question?", "Different words here.")
+        ]
+        a, b = (list(r[0] if r and isinstance(r[0], list) else r) for r in renders)
+        prefix = 0
+        while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
+            suffix += 1
+        self._session.template = (tuple(a[:prefix]), tuple(a[len(a) - suffix:]))
+        return self._session.template
+
     def unwrap(self) -> None:
         """Restore the model's original behaviour bit for bit. Safe to call twice."""
         self._session.detach()

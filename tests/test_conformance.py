@@ -138,7 +138,7 @@ def _run_act_on_logits(logits: torch.Tensor, beta: float, threshold: float = 0.1
     valid = torch.ones(batch, length, dtype=torch.bool) if valid is None else valid
     act = Act(ActConfig(beta=beta, threshold=threshold, layers=[0]))
     act.bind(ModelInfo("test", num_layers=1, num_heads=heads, num_kv_heads=heads, has_images=False))
-    roles = TokenRoles(valid, torch.zeros_like(valid), length)
+    roles = TokenRoles(valid, torch.zeros_like(valid), torch.zeros_like(valid), length)
     act.start_sequence(roles)
     call = AttentionCall(0, roles, torch.arange(length))
     request = act.request(call)

@@ -123,3 +123,20 @@ def test_vision_tower_never_enters_the_intervened_function(family, monkeypatch):
         model(**inputs)
     seen = {id(m) for m in calls}
     assert seen == text  # every text layer, and nothing else (no vision-tower attention)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3"])
+def test_beam_and_num_return_sequences_expansion(family):
+    model = _model(family)
+    prompts = _prompts(family)
+    kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with torch.no_grad(), iv.apply(model, "pai", alpha=0.5, start_layer=1) as handle:
+        batch = model.generate(**make_inputs(model, family, prompts), **kwargs)
+        roles = handle._session.roles
+        assert roles.batch_size == 4  # 2 prompts × 2 beams, expanded before prefill
+        spans = [roles.image_spans(i) for i in range(4)]
+        assert spans[0] == spans[1] and spans[2] == spans[3] and spans[0] != spans[2]
+        width = batch.shape[1]
+        for i, prompt in enumerate(prompts):
+            single = model.generate(**make_inputs(model, family, [prompt]), **kwargs)
+            assert torch.equal(single, batch[2 * i:2 * i + 2, width - single.shape[1]:])

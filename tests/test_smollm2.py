@@ -28,3 +28,18 @@ def test_act_on_smollm2_finds_sinks_generates_and_unwraps(smollm2):
     assert first[..., 0].float().mean() > 0.9
     assert sum(int(c.sum()) for c in calibrated.values()) > 0  # hidden sinks beyond BOS exist and are scaled
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_template_roles_isolate_the_user_question(smollm2):
+    model, tokenizer = smollm2
+    question = "Is a tomato a fruit or a vegetable?"
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.no_grad(), iv.apply(model, "act", layers=[3]) as handle:
+        prefix, suffix = handle.set_template(tokenizer)
+        model(**inputs)
+        roles = handle._session.roles
+    assert len(prefix) > 0 and len(suffix) > 0
+    ids = inputs["input_ids"][0]
+    assert tokenizer.decode(ids[roles.question[0]]) == question
+    assert roles.template[0].sum() == len(prefix) + len(suffix)

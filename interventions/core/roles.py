@@ -20,11 +20,14 @@ class TokenRoles:
     Attributes:
         valid (`torch.BoolTensor` of shape `(batch, length)`): not padding.
         image (`torch.BoolTensor` of shape `(batch, length)`): image placeholder positions.
+        template (`torch.BoolTensor` of shape `(batch, length)`): chat-template and image-boundary tokens of the
+            prompt (the template part is known only after `Handle.set_template`).
         prompt_len (`int`): padded prompt length; positions `>= prompt_len` are generated tokens.
     """
 
     valid: torch.Tensor
     image: torch.Tensor
+    template: torch.Tensor
     prompt_len: int
 
     @property
@@ -46,6 +49,14 @@ class TokenRoles:
         """`(batch, length)` bool: valid prompt positions that are not image tokens."""
         return self.valid & ~self.image & ~self.generated
 
+    @property
+    def question(self) -> torch.Tensor:
+        """`(batch, length)` bool: prompt text after the sample's last image token (all prompt text without an
+        image), minus template tokens."""
+        pos = torch.arange(self.length, device=self.valid.device)
+        last_image = torch.where(self.image, pos, -1).amax(1, keepdim=True)
+        return self.text & ~self.template & (pos > last_image)
+
     def image_spans(self, sample: int) -> list[tuple[int, int]]:
         """Contiguous runs `[start, end)` of image positions of one sample."""
         flags = self.image[sample].tolist()
@@ -63,18 +74,31 @@ class TokenRoles:
         if key_len == self.length:
             return self
         if key_len < self.length:
-            return TokenRoles(self.valid[:, :key_len], self.image[:, :key_len], self.prompt_len)
+            return self._cut(key_len)
         pad = torch.zeros(self.batch_size, key_len - self.length, dtype=torch.bool, device=self.valid.device)
-        return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1), self.prompt_len)
+        return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
+                          torch.cat([self.template, pad], 1), self.prompt_len)
+
+    def _cut(self, length: int) -> TokenRoles:
+        return TokenRoles(self.valid[:, :length], self.image[:, :length], self.template[:, :length],
+                          min(self.prompt_len, length))
 
     @classmethod
     def from_prompt(cls, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                     image_token_ids: tuple[int, ...], length: int, batch_size: int, prompt_len: int,
-                    device: torch.device) -> TokenRoles:
-        """Roles of a fresh sequence (empty cache) of `length` positions."""
+                    device: torch.device, boundary_ids: tuple[int, ...] = (),
+                    template: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> TokenRoles:
+        """Roles of a fresh sequence (empty cache) of `length` positions.
+
+        `template` is the chat template's fixed `(prefix ids, suffix ids)`: matched at the start of each sample's
+        tokens and at the end of its prompt. `boundary_ids` (image start/end markers) count as template too.
+        """
         valid = _valid(attention_mask, batch_size, length, device)
         image = _image(input_ids, image_token_ids, batch_size, length, device) & valid
-        return cls(valid, image, prompt_len)
+        marks = _image(input_ids, boundary_ids, batch_size, length, device) & valid
+        if template is not None and input_ids is not None:
+            marks |= _template(input_ids, valid, prompt_len, *template)
+        return cls(valid, image, marks, prompt_len)
 
     def extend(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_len: int,
                new_len: int, image_token_ids: tuple[int, ...]) -> TokenRoles:
@@ -87,14 +111,15 @@ class TokenRoles:
         b, device = self.batch_size, self.valid.device
         if input_ids is not None and input_ids.shape[0] != b:
             raise InputError(f"batch size changed from {b} to {input_ids.shape[0]} during decoding")
-        kept = TokenRoles(self.valid[:, :past_len], self.image[:, :past_len], min(self.prompt_len, past_len))
+        kept = self._cut(past_len)
         total = past_len + new_len
         if attention_mask is not None and attention_mask.shape[-1] >= total:
             valid = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
         else:
             valid = torch.cat([kept.valid, torch.ones(b, new_len, dtype=torch.bool, device=device)], 1)
         image = torch.cat([kept.image, _image(input_ids, image_token_ids, b, new_len, device)], 1) & valid
-        return TokenRoles(valid, image, self.prompt_len if past_len >= self.prompt_len else kept.prompt_len)
+        template = torch.cat([kept.template, torch.zeros(b, new_len, dtype=torch.bool, device=device)], 1)
+        return TokenRoles(valid, image, template, kept.prompt_len)
 
 
 def _valid(attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device) -> torch.Tensor:
@@ -109,3 +134,17 @@ def _image(input_ids: torch.Tensor | None, image_token_ids: tuple[int, ...], bat
         return torch.zeros(batch_size, length, dtype=torch.bool, device=device)
     ids = input_ids.to(device)
     return torch.isin(ids, torch.tensor(image_token_ids, device=device))
+
+
+def _template(input_ids: torch.Tensor, valid: torch.Tensor, prompt_len: int, prefix: tuple[int, ...],
+              suffix: tuple[int, ...]) -> torch.Tensor:
+    """Positions where each sample's valid prompt starts with `prefix` and ends with `suffix`."""
+    marks = torch.zeros_like(valid)
+    for b in range(input_ids.shape[0]):
+        positions = valid[b, :prompt_len].nonzero().flatten().tolist()
+        tokens = input_ids[b, positions].tolist()
+        if prefix and tokens[: len(prefix)] == list(prefix):
+            marks[b, positions[: len(prefix)]] = True
+        if suffix and len(tokens) >= len(prefix) + len(suffix) and tokens[-len(suffix):] == list(suffix):
+            marks[b, positions[-len(suffix):]] = True
+    return marks

@@ -29,6 +29,9 @@ class Session:
         self.base = base
         self.roles: TokenRoles | None = None
         self._image_ids = adapter.image_token_ids(model)
+        self._boundary_ids = adapter.boundary_token_ids(model)
+        #: chat template `(prefix ids, suffix ids)`, set by `Handle.set_template`
+        self.template: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._prompt_len: int | None = None  # set while `generate` runs
         self._by_layer: dict[int, list[Method]] = {}
         for method in methods:
@@ -112,7 +115,7 @@ class Session:
         if past_len == 0:
             prompt_len = new_len if self._prompt_len is None else min(self._prompt_len, new_len)
             self.roles = TokenRoles.from_prompt(input_ids, mask, self._image_ids, new_len, batch, prompt_len,
-                                                source.device)
+                                                source.device, self._boundary_ids, self.template)
             self._check_inputs(input_ids)
             for method in self.methods:
                 method.start_sequence(self.roles)

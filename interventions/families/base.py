@@ -24,6 +24,8 @@ class FamilyAdapter:
         has_images (`bool`): whether prompts carry image placeholder tokens.
         visual_token_attrs (`tuple[str, ...]`): top-level config attributes holding visual token ids, first found
             wins per entry (e.g. `"image_token_id|image_token_index"`).
+        boundary_token_attrs (`tuple[str, ...]`): the same for the markers around an image (vision start/end,
+            BOI/EOI), which count as template tokens.
         source (`str`): where the layout facts come from.
     """
 
@@ -31,6 +33,7 @@ class FamilyAdapter:
     model_types: tuple[str, ...]
     has_images: bool
     visual_token_attrs: tuple[str, ...] = ()
+    boundary_token_attrs: tuple[str, ...] = ()
     source: str = ""
 
     def decoder(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -47,14 +50,22 @@ class FamilyAdapter:
 
     def image_token_ids(self, model: torch.nn.Module) -> tuple[int, ...]:
         """Ids whose positions in `input_ids` are visual placeholders (image, and video where the family has it)."""
-        ids = []
-        for attrs in self.visual_token_attrs:
-            for attr in attrs.split("|"):
-                value = getattr(model.config, attr, None)
-                if value is not None:
-                    ids.append(int(value))
-                    break
-        return tuple(ids)
+        return _config_ids(model.config, self.visual_token_attrs)
+
+    def boundary_token_ids(self, model: torch.nn.Module) -> tuple[int, ...]:
+        """Ids of the markers around an image."""
+        return _config_ids(model.config, self.boundary_token_attrs)
+
+
+def _config_ids(config, entries: tuple[str, ...]) -> tuple[int, ...]:
+    ids = []
+    for entry in entries:
+        for attr in entry.split("|"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                ids.append(int(value))
+                break
+    return tuple(ids)
 
 
 FAMILIES: Registry[FamilyAdapter] = Registry("family", error=UnsupportedFamilyError)

@@ -11,6 +11,7 @@ GEMMA3 = register(FamilyAdapter(
     name="gemma3",
     model_types=("gemma3",),
     has_images=True,
+    boundary_token_attrs=("boi_token_id|boi_token_index", "eoi_token_id|eoi_token_index"),
     visual_token_attrs=("image_token_id|image_token_index",),
     source="transformers models/gemma3/modeling_gemma3.py",
 ))

@@ -9,6 +9,7 @@ QWEN2_5_VL = register(FamilyAdapter(
     name="qwen2_5_vl",
     model_types=("qwen2_5_vl",),
     has_images=True,
+    boundary_token_attrs=("vision_start_token_id", "vision_end_token_id"),
     visual_token_attrs=("image_token_id", "video_token_id"),
     source="transformers models/qwen2_5_vl/modeling_qwen2_5_vl.py",
 ))

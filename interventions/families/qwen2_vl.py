@@ -10,6 +10,7 @@ QWEN2_VL = register(FamilyAdapter(
     name="qwen2_vl",
     model_types=("qwen2_vl",),
     has_images=True,
+    boundary_token_attrs=("vision_start_token_id", "vision_end_token_id"),
     visual_token_attrs=("image_token_id", "video_token_id"),
     source="transformers models/qwen2_vl/modeling_qwen2_vl.py",
 ))
