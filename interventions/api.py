@@ -12,6 +12,7 @@ import torch
 from . import families as _families
 from . import methods as _methods
 from .core.attention import KEYS
+from .core.roles import TokenRoles
 from .core.session import Session
 from .errors import AlreadyWrappedError, ConfigError
 from .methods.base import Method, ModelInfo
@@ -45,6 +46,11 @@ class Handle:
         self.model = model
         self.methods = session.methods
         self._session = session
+
+    @property
+    def roles(self) -> TokenRoles | None:
+        """Token roles of the sequence the model last ran (`None` before the first forward)."""
+        return self._session.roles
 
     @property
     def config(self) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def act_reference(q, k, scaling, valid, beta, threshold, heads):
     allowed = _allowed(valid)[:, None]
     a = _softmax(q @ k.transpose(-1, -2) * scaling, allowed)
     out = a.clone()
-    batch, num_heads, length, _ = a.shape
+    batch, _, length, _ = a.shape
     for b in range(batch):
         rows = [i for i in range(length) if valid[b, i]]
         for h in heads:

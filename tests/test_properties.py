@@ -132,7 +132,7 @@ def test_beam_and_num_return_sequences_expansion(family):
     kwargs = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
     with torch.no_grad(), iv.apply(model, "pai", alpha=0.5, start_layer=1) as handle:
         batch = model.generate(**make_inputs(model, family, prompts), **kwargs)
-        roles = handle._session.roles
+        roles = handle.roles
         assert roles.batch_size == 4  # 2 prompts × 2 beams, expanded before prefill
         spans = [roles.image_spans(i) for i in range(4)]
         assert spans[0] == spans[1] and spans[2] == spans[3] and spans[0] != spans[2]

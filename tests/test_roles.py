@@ -26,7 +26,7 @@ def test_roles_left_padding_prefill_and_decode():
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     with iv.apply(model, "pai") as handle:
         model(**inputs)
-        roles = handle._session.roles
+        roles = handle.roles
         for b in range(2):
             assert roles.image_spans(b) == _runs((ids[b] == IMAGE_ID).tolist())
         assert torch.equal(roles.valid, mask)
@@ -38,7 +38,7 @@ def test_roles_left_padding_prefill_and_decode():
         assert roles.question.sum(1).tolist() == [5, 2]
         assert not roles.generated.any()
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        roles = handle._session.roles
+        roles = handle.roles
         assert roles.length == out.shape[1] - 1  # the last token is sampled but never fed back
         assert roles.generated.sum(1).tolist() == [2, 2]
         assert roles.prompt_len == ids.shape[1]
@@ -50,7 +50,7 @@ def test_image_boundaries_are_template():
     inputs = make_inputs(model, "qwen2_vl", [Prompt(3, 4, seed=1)])
     with iv.apply(model, "pai") as handle:
         model(**inputs)
-        roles = handle._session.roles
+        roles = handle.roles
     ids = inputs["input_ids"][0]
     boundary = (ids == VISION_START_ID) | (ids == VISION_END_ID)
     assert torch.equal(roles.template[0], boundary)

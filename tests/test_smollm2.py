@@ -38,7 +38,7 @@ def test_template_roles_isolate_the_user_question(smollm2):
     with torch.no_grad(), iv.apply(model, "act", layers=[3]) as handle:
         prefix, suffix = handle.set_template(tokenizer)
         model(**inputs)
-        roles = handle._session.roles
+        roles = handle.roles
     assert len(prefix) > 0 and len(suffix) > 0
     ids = inputs["input_ids"][0]
     assert tokenizer.decode(ids[roles.question[0]]) == question

@@ -22,7 +22,8 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from .rows import RowLogits, allowed_keys, row_logits, row_output
 
 if TYPE_CHECKING:
-    from ..methods.base import AttentionCall, Method, RowRequest
+    from ..methods.base import Method
+    from .call import AttentionCall, RowRequest
     from .session import Session
 
 #: registered key per base implementation; the mask function of each key is the base's own

@@ -12,11 +12,12 @@ import torch
 
 from ..errors import InputError
 from .attention import KEYS, Binding, base_attention, bind, unbind
+from .call import AttentionCall
 from .roles import TokenRoles
 
 if TYPE_CHECKING:
     from ..families.base import FamilyAdapter
-    from ..methods.base import AttentionCall, Method
+    from ..methods.base import Method
 
 
 class Session:
@@ -123,9 +124,9 @@ class Session:
             raise InputError("decoding with a KV cache that this wrapper did not see filled; run the prompt first")
         else:
             self.roles = self.roles.extend(input_ids, mask, past_len, new_len, self._image_ids)
-        return self._override_positions(args, kwargs, new_len, past_len)
+        return self._override_positions(args, kwargs, new_len)
 
-    def _override_positions(self, args: tuple, kwargs: dict, new_len: int, past_len: int) -> tuple[tuple, dict] | None:
+    def _override_positions(self, args: tuple, kwargs: dict, new_len: int) -> tuple[tuple, dict] | None:
         changed = False
         for method in self.methods:
             if "positions" in method.needs and method.touched_layers:
@@ -174,8 +175,6 @@ class Session:
         return self._by_layer.get(layer, [])
 
     def attention_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
-        from ..methods.base import AttentionCall
-
         if self.roles is None:
             raise InputError("call the wrapped model itself (its forward records the token roles), not a submodule")
         total, q_len = self.roles.length, query.shape[2]

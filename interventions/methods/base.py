@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..core.call import AttentionCall, RowRequest
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError
@@ -23,39 +24,6 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     has_images: bool
-
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """One call of a text-decoder attention function.
-
-    Attributes:
-        layer (`int`): decoder layer index.
-        roles (`TokenRoles`): roles of the keys, `kv_len` long.
-        query_positions (`torch.LongTensor` of shape `(q_len,)`): absolute positions of the query rows.
-    """
-
-    layer: int
-    roles: TokenRoles
-    query_positions: torch.Tensor
-
-    @property
-    def covers_prompt(self) -> bool:
-        """True when this call's rows include the whole prompt (a prefill, or a no-cache recompute)."""
-        return int(self.query_positions[0]) == 0
-
-
-@dataclass(frozen=True)
-class RowRequest:
-    """Rows (and heads) a method edits in one attention call.
-
-    Attributes:
-        rows (`torch.BoolTensor` of shape `(q_len,)`): rows the method edits.
-        heads (`torch.LongTensor`, *optional*): query heads it edits; `None` for all.
-    """
-
-    rows: torch.Tensor
-    heads: torch.Tensor | None = None
 
 
 #: what a method can ask the core for; a method lists the ones it uses in `Method.needs`

@@ -1,0 +1,42 @@
+"""The types the core hands to methods for one attention call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .roles import TokenRoles
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of a text-decoder attention function.
+
+    Attributes:
+        layer (`int`): decoder layer index.
+        roles (`TokenRoles`): roles of the keys, `kv_len` long.
+        query_positions (`torch.LongTensor` of shape `(q_len,)`): absolute positions of the query rows.
+    """
+
+    layer: int
+    roles: TokenRoles
+    query_positions: torch.Tensor
+
+    @property
+    def covers_prompt(self) -> bool:
+        """True when this call's rows include the whole prompt (a prefill, or a no-cache recompute)."""
+        return int(self.query_positions[0]) == 0
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """Rows (and heads) a method edits in one attention call.
+
+    Attributes:
+        rows (`torch.BoolTensor` of shape `(q_len,)`): rows the method edits.
+        heads (`torch.LongTensor`, *optional*): query heads it edits; `None` for all.
+    """
+
+    rows: torch.Tensor
+    heads: torch.Tensor | None = None
