@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="wrap SmolLM2-135M-Instruct with ACT and compare generations")
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--beta", type=float, default=0.4)
     demo.add_argument("--threshold", type=float, default=0.1)
     sub.add_parser("methods", help="list the methods")

@@ -16,7 +16,7 @@ PROMPTS = (
 )
 
 
-def run_demo(max_new_tokens: int = 32, beta: float = 0.4, threshold: float = 0.1) -> list[dict]:
+def run_demo(max_new_tokens: int = 24, beta: float = 0.4, threshold: float = 0.1) -> list[dict]:
     """Generate greedily with and without ACT; return one record per prompt (also printed)."""
     from .smollm2 import load_smollm2
 
