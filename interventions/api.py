@@ -63,7 +63,8 @@ class Handle:
 
     def set_template(self, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Learn the chat template's fixed token prefix and suffix around a user message, so that token roles
-        mark them as template and `roles.question` is the user's text alone.
+        mark them as template and `roles.question` is the user's text alone; methods that read words get the
+        tokenizer too.
 
         Args:
             tokenizer: a tokenizer with a chat template, or a processor holding one (`.tokenizer`).
@@ -85,6 +86,8 @@ class Handle:
         while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
             suffix += 1
         self._session.template = (tuple(a[:prefix]), tuple(a[len(a) - suffix:]))
+        for method in self.methods:
+            method.use_tokenizer(tokenizer)
         return self._session.template
 
     def unwrap(self) -> None:

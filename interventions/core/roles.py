@@ -23,12 +23,14 @@ class TokenRoles:
         template (`torch.BoolTensor` of shape `(batch, length)`): chat-template and image-boundary tokens of the
             prompt (the template part is known only after `Handle.set_template`).
         prompt_len (`int`): padded prompt length; positions `>= prompt_len` are generated tokens.
+        ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): the token ids (None with embeddings only).
     """
 
     valid: torch.Tensor
     image: torch.Tensor
     template: torch.Tensor
     prompt_len: int
+    ids: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -76,12 +78,14 @@ class TokenRoles:
         if key_len < self.length:
             return self._cut(key_len)
         pad = torch.zeros(self.batch_size, key_len - self.length, dtype=torch.bool, device=self.valid.device)
+        ids = None if self.ids is None else torch.cat([self.ids, pad.long()], 1)
         return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
-                          torch.cat([self.template, pad], 1), self.prompt_len)
+                          torch.cat([self.template, pad], 1), self.prompt_len, ids)
 
     def _cut(self, length: int) -> TokenRoles:
+        ids = None if self.ids is None else self.ids[:, :length]
         return TokenRoles(self.valid[:, :length], self.image[:, :length], self.template[:, :length],
-                          min(self.prompt_len, length))
+                          min(self.prompt_len, length), ids)
 
     @classmethod
     def from_prompt(cls, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -98,7 +102,7 @@ class TokenRoles:
         marks = _image(input_ids, boundary_ids, batch_size, length, device) & valid
         if template is not None and input_ids is not None:
             marks |= _template(input_ids, valid, prompt_len, *template)
-        return cls(valid, image, marks, prompt_len)
+        return cls(valid, image, marks, prompt_len, None if input_ids is None else input_ids.to(device))
 
     def extend(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_len: int,
                new_len: int, image_token_ids: tuple[int, ...]) -> TokenRoles:
@@ -119,7 +123,8 @@ class TokenRoles:
             valid = torch.cat([kept.valid, torch.ones(b, new_len, dtype=torch.bool, device=device)], 1)
         image = torch.cat([kept.image, _image(input_ids, image_token_ids, b, new_len, device)], 1) & valid
         template = torch.cat([kept.template, torch.zeros(b, new_len, dtype=torch.bool, device=device)], 1)
-        return TokenRoles(valid, image, template, kept.prompt_len)
+        ids = None if kept.ids is None or input_ids is None else torch.cat([kept.ids, input_ids.to(device)], 1)
+        return TokenRoles(valid, image, template, kept.prompt_len, ids)
 
 
 def _valid(attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device) -> torch.Tensor:

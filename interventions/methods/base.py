@@ -56,6 +56,9 @@ class Method:
     def bind(self, model: ModelInfo) -> None:
         """Check the config against the model and set `touched_layers` (empty when neutral)."""
 
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Receive the tokenizer given to `Handle.set_template` (for methods that read words, e.g. content words)."""
+
     def start_sequence(self, roles: TokenRoles) -> None:
         """Forget per-sequence state; called before each forward that starts from an empty cache."""
 
