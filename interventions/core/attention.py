@@ -110,15 +110,21 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
     probs = view.probs()
     if want_weights:
         weights = probs.to(query.dtype)
-    if not requests:
+    editing = [(m, r) for m, r in requests if not r.read_only]
+    if not editing:
         return out, weights
 
-    edited = row_output(probs, value, heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
-    has_key = view.allowed.any(-1).transpose(1, 2)[..., None]  # fully masked (padding) rows keep the base output
-    block = out[:, rows_local]
-    block[:, :, heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, heads])
+    # write back only what an editing request covers; read-only rows and heads keep the base output bit for bit
+    write_rows, write_heads = _rows_and_heads(editing, q_len, num_heads, query.device, everything=False)
+    row_pick = torch.isin(rows_local, write_rows)
+    head_pick = torch.isin(heads, write_heads)
+    probs = probs[:, head_pick][:, :, row_pick]
+    edited = row_output(probs, value, write_heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
+    has_key = view.allowed[:, :, row_pick].any(-1).transpose(1, 2)[..., None]  # fully masked rows keep base
+    block = out[:, write_rows]
+    block[:, :, write_heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, write_heads])
     out = out.clone()  # the base output may be saved for backward
-    out[:, rows_local] = block
+    out[:, write_rows] = block
     return out, weights
 
 

@@ -36,7 +36,10 @@ class RowRequest:
     Attributes:
         rows (`torch.BoolTensor` of shape `(q_len,)`): rows the method edits.
         heads (`torch.LongTensor`, *optional*): query heads it edits; `None` for all.
+        read_only (`bool`): the method reads the rows (e.g. a saliency map) without editing them.
     """
 
     rows: torch.Tensor
     heads: torch.Tensor | None = None
+    #: the method only reads these rows (adds no bias): their base-backend output is kept bit for bit
+    read_only: bool = False

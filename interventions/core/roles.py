@@ -56,7 +56,7 @@ class TokenRoles:
         """`(batch, length)` bool: prompt text after the sample's last image token (all prompt text without an
         image), minus template tokens."""
         pos = torch.arange(self.length, device=self.valid.device)
-        last_image = torch.where(self.image, pos, -1).amax(1, keepdim=True)
+        last_image = torch.where(self.image & (pos < self.prompt_len), pos, -1).amax(1, keepdim=True)
         return self.text & ~self.template & (pos > last_image)
 
     def image_spans(self, sample: int) -> list[tuple[int, int]]:
