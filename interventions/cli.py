@@ -1,4 +1,4 @@
-"""`interventions` console script: `demo`, `methods`, `families`, `describe`."""
+"""`interventions` console script: `demo`, `eval`, `score`, `methods`, `families`, `describe`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("families", help="list the supported model types")
     describe = sub.add_parser("describe", help="parameters of a method, with defaults and sources")
     describe.add_argument("method")
+    from evals.cli import add_eval_commands
+    from evals.score import add_score_commands
+
+    add_eval_commands(sub)
+    add_score_commands(sub)
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -41,6 +46,12 @@ def _run(args: argparse.Namespace) -> int:
         print("\n".join(iv.methods()))
     elif args.command == "families":
         print("\n".join(iv.families()))
+    elif args.command == "eval":
+        from evals.cli import run_eval
+
+        return run_eval(args)
+    elif args.command == "score":
+        return args.run(args)
     elif args.command == "describe":
         from .methods import METHODS
 

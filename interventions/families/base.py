@@ -80,10 +80,15 @@ def register(adapter: FamilyAdapter) -> FamilyAdapter:
 
 def resolve(model: torch.nn.Module) -> FamilyAdapter:
     """The adapter of `model`, or `UnsupportedFamilyError` naming the class and listing the families."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return resolve_config(getattr(model, "config", None), type(model).__name__)
+
+
+def resolve_config(config, owner: str) -> FamilyAdapter:
+    """The adapter for a model config; `owner` names the model (class or id) in the error."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedFamilyError(
-            f"unsupported model family: {type(model).__name__} (model_type={model_type!r}); "
+            f"unsupported model family: {owner} (model_type={model_type!r}); "
             f"supported model types: {', '.join(FAMILIES.names())}"
         )
     return FAMILIES.get(model_type)

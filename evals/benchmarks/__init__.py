@@ -1,0 +1,1 @@
+"""Benchmark definitions: data files, prompts, parsers and metrics (POPE, CHAIR)."""

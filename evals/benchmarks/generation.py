@@ -1,0 +1,62 @@
+"""POPE and CHAIR as the runner sees them: samples with an image path and the final user text, and a scorer
+over raw generated texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .base import Sample
+from .chair import ChairBenchmark, read_image_ids
+from .pope import PopeBenchmark
+
+
+@dataclass
+class ImageBenchmark:
+    """Adapts a POPE/CHAIR definition (`inner`) to the runner, resolving image files under `images`."""
+
+    inner: Any
+    images: Path
+
+    def __post_init__(self) -> None:
+        if not self.images.is_dir():
+            raise ValueError(f"--images {str(self.images)!r} is not a folder")
+        self.name, self.version, self.max_new_tokens = self.inner.name, self.inner.version, self.inner.max_new_tokens
+        self._samples = [
+            Sample(s["id"], self.inner.prompt(s["question"]) if hasattr(self.inner, "prompt") else s["question"],
+                   self.images / s["image"])
+            for s in self.inner.samples()
+        ]
+
+    def samples(self) -> list[Sample]:
+        return self._samples
+
+    def check_images(self, limit: int | None) -> None:
+        """Fail before any model work when an image of the samples to run is missing."""
+        missing = [s for s in self._samples[:limit] if not s.image.is_file()]
+        if missing:
+            raise ValueError(f"{len(missing)} image file(s) not found under {str(self.images)!r}, "
+                             f"e.g. {missing[0].image.name} (sample {missing[0].id})")
+
+    def score(self, samples: list[Sample], texts: dict[str, str]) -> dict[str, Any]:
+        every = len(samples) == len(self._samples)
+        return self.inner.score([{"id": s.id, "text": texts[s.id]} for s in samples], require_all=every)
+
+    def record(self) -> dict[str, Any]:
+        return {**self.inner.record(), "images": str(self.images)}
+
+
+def pope_benchmark(questions: Path, images: Path, parser: str = "official") -> ImageBenchmark:
+    """One POPE question file (its split named after the file: `coco_pope_random.json` → `random`)."""
+    if not questions.is_file():
+        raise ValueError(f"--questions {str(questions)!r}: no such file")
+    split = questions.stem.rsplit("_", 1)[-1]
+    return ImageBenchmark(PopeBenchmark({split: questions}, parser=parser), images)
+
+
+def chair_benchmark(images: Path, image_ids: Path, prompt: str, objects: str | None = None,
+                    annotations: str | None = None) -> ImageBenchmark:
+    """CHAIR over the ids in `image_ids` (e.g. the shipped OPERA 500) with ground truth from one source."""
+    return ImageBenchmark(ChairBenchmark(tuple(read_image_ids(image_ids)), prompt=prompt, objects=objects,
+                                         annotations=annotations), images)

@@ -1,0 +1,117 @@
+"""`interventions eval pope|chair|lm`: argparse → validated inputs → runner. Validation happens before the model
+loads, so bad input costs nothing; every error reaches the user as one `error: ...` line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `eval pope`, `eval chair` and `eval lm` to the `interventions` parser."""
+    evaluate = subparsers.add_parser("eval", help="score methods against the unmodified model")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
+
+    pope = benchmarks.add_parser("pope", help="POPE yes/no object questions")
+    pope.add_argument("--questions", required=True, help="POPE question file (JSON Lines or JSON array)")
+    pope.add_argument("--images", required=True, help="folder of the COCO images the questions name")
+    pope.add_argument("--parser", default="official", help="official | lmms-eval | vlmevalkit")
+
+    chair = benchmarks.add_parser("chair", help="CHAIR object hallucination in image descriptions")
+    chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
+    chair.add_argument("--image-ids", required=True, help="file with one COCO image id per line")
+    truth = chair.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--objects", help="per-image ground-truth objects (the shipped coco2014_objects.json.gz)")
+    truth.add_argument("--annotations", help="folder with COCO 2014 instances_*/captions_* JSON files")
+    chair.add_argument("--prompt", default="Please describe this image in detail.")
+
+    lm = benchmarks.add_parser("lm", help="reasoning tasks through lm-eval (shipped offline: "
+                                          "arc_easy_local, boolq_local, copa_local)")
+    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+
+    for parser in (pope, chair, lm):
+        parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
+        parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
+        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}')
+        parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
+        parser.add_argument("--out", required=True, help="output folder (predictions, results.json/.md/.png)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
+        parser.add_argument("--device-map", help="e.g. auto (accelerate)")
+        parser.add_argument("--load-in-4bit", action="store_true")
+        parser.add_argument("--load-in-8bit", action="store_true")
+    for parser in (pope, chair):
+        parser.add_argument("--batch-size", type=int, default=1)
+        parser.add_argument("--max-new-tokens", type=int, default=None)
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar (also INTERVENTIONS_NO_PROGRESS=1)")
+    chair.set_defaults(max_new_tokens=512)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Validate, load, run, print the markdown table."""
+    from .runner import parse_methods
+
+    runs = parse_methods(args.methods, args.params)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    out = _writable_dir(args.out)
+    if args.benchmark == "lm":
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ValueError("--tasks is empty")
+        loaded = _load(args)
+        from .runner import run_lm
+
+        results = run_lm(loaded, tasks, runs, out, args.limit, args.include_path, args.seed)
+    else:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        benchmark = _benchmark(args)
+        benchmark.check_images(args.limit)
+        loaded = _load(args)
+        if not loaded.has_images:
+            raise ValueError(f"eval {args.benchmark} needs a vision-language model; {args.model} is text-only")
+        from .runner import run_generation
+
+        progress = not (args.no_progress or os.environ.get("INTERVENTIONS_NO_PROGRESS") == "1")
+        results = run_generation(loaded, benchmark, runs, out, args.batch_size, args.limit, args.max_new_tokens,
+                                 args.seed, progress)
+    if results is not None:
+        print((out / "results.md").read_text(), end="")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace):
+    from .benchmarks import generation
+
+    if args.benchmark == "pope":
+        return generation.pope_benchmark(Path(args.questions), Path(args.images), args.parser)
+    return generation.chair_benchmark(Path(args.images), Path(args.image_ids), args.prompt,
+                                      objects=args.objects, annotations=args.annotations)
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    device_map = args.device_map
+    if device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: own device
+        from .runner import process_state
+
+        device_map = {"": str(process_state().device)}
+    return load_model(args.model, args.dtype, device_map, args.load_in_4bit, args.load_in_8bit)
+
+
+def _writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output folder {path!r} is not writable: {e.strerror}") from None
+    return out
+
+
