@@ -19,7 +19,7 @@ import interventions as iv
 from interventions.methods import METHODS
 
 from .benchmarks.base import GenerationBenchmark, Sample
-from .models import LoadedModel
+from interventions.loading import LoadedModel
 from .predictions import append_predictions, load_predictions
 from .report import write_reports
 

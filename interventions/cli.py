@@ -1,4 +1,4 @@
-"""`interventions` console script: `demo`, `eval`, `score`, `methods`, `families`, `describe`."""
+"""`interventions` console script: `demo`, `eval`, `score`, `calibrate`, `methods`, `families`, `describe`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_commands(sub)
     add_score_commands(sub)
+    calibrate = sub.add_parser("calibrate", help="produce method presets from a model")
+    targets = calibrate.add_subparsers(dest="target", required=True)
+    from .calibrate import sink_dims
+
+    sink = targets.add_parser("sink-dims", help="find VAR's massive-activation dims; write a sink_dims JSON")
+    sink_dims.add_arguments(sink)
+    sink.set_defaults(run=sink_dims.main)
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -50,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
         from evals.cli import run_eval
 
         return run_eval(args)
-    elif args.command == "score":
+    elif args.command in ("score", "calibrate"):
         return args.run(args)
     elif args.command == "describe":
         from .methods import METHODS

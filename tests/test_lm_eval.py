@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from evals.models import LoadedModel
+from interventions.loading import LoadedModel
 from evals.runner import parse_methods, run_lm
 
 

@@ -180,3 +180,23 @@ def test_bad_inputs_give_one_error_line_and_exit_2(setup, tmp_path, capsys):
         assert code == 2, (name, captured.err)
         assert len(errors) == 1 and expected in errors[0], (name, captured.err)
         assert "Traceback" not in captured.err
+
+
+def test_eval_chair_writes_results(setup, tmp_path, capsys):
+    ids = [226988, 337443, 112022]  # the first three of OPERA's 500
+    images = tmp_path / "coco"
+    images.mkdir()
+    for i in ids:
+        Image.new("RGB", (32, 24), (i % 255, 80, 160)).save(images / f"COCO_val2014_{i:012d}.jpg")
+    id_file = tmp_path / "ids.txt"
+    id_file.write_text("\n".join(map(str, ids)) + "\n")
+    objects = ROOT / "evals" / "data" / "chair" / "coco2014_objects.json.gz"
+    out = tmp_path / "out"
+    assert main(["eval", "chair", "--model", setup["model"], "--images", str(images), "--image-ids", str(id_file),
+                 "--objects", str(objects), "--methods", "none,pai", "--max-new-tokens", "6", "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["decoding"]["max_new_tokens"] == 6 and results["samples"]["evaluated"] == 3
+    for run in results["runs"]:
+        assert {"CHAIR_s", "CHAIR_i", "recall", "len"} <= set(run["metrics"])
+    assert "CHAIR_s" in capsys.readouterr().out

