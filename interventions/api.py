@@ -148,6 +148,7 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
         num_heads=text_config.num_attention_heads,
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
         has_images=adapter.has_images,
+        config=model.config,
     )
     loops = [c.NAME for c in configs if "decoding_loop" in _methods.METHODS.get(c.NAME).needs]
     if len(loops) > 1:

@@ -26,11 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     add_score_commands(sub)
     calibrate = sub.add_parser("calibrate", help="produce method presets from a model")
     targets = calibrate.add_subparsers(dest="target", required=True)
-    from .calibrate import sink_dims
+    from .calibrate import act_heads, perturb_heads, sink_dims
 
     sink = targets.add_parser("sink-dims", help="find VAR's massive-activation dims; write a sink_dims JSON")
     sink_dims.add_arguments(sink)
     sink.set_defaults(run=sink_dims.main)
+    heads = targets.add_parser("act-heads", help="search ACT's heads one at a time on a dev set; write a heads JSON")
+    act_heads.add_arguments(heads)
+    heads.set_defaults(run=act_heads.main)
+    perturb = targets.add_parser("perturb-heads", help="greedy top-k head search for pag's perturbed branch on a dev "
+                                 "set; write a heads JSON")
+    perturb_heads.add_arguments(perturb)
+    perturb.set_defaults(run=perturb_heads.main)
     args = parser.parse_args(argv)
     try:
         return _run(args)

@@ -22,8 +22,13 @@ VLM_CASES = {
         [("pai", {"alpha": 0.5}), ("act", {"beta": 0.3, "heads": [[0, 1], [1, 0], [1, 3], [2, 2]]})],
         [("pai", {"alpha": 0.0}), ("act", {"beta": 1.0, "heads": [[0, 1]]})],
     ),
+    "vhr": ([("vhr", {"alpha": 2.0, "layers": [0, 1, 2]})], [("vhr", {"alpha": 1.0})]),
+    "pai-cfg": ([("pai", {"alpha": 0.5, "start_layer": 1, "use_cfg": True, "gamma": 2.0})],
+                [("pai", {"alpha": 0.0, "use_cfg": True, "gamma": 1.0})]),
+    "pag": ([("pag", {"heads": [[0, 1], [1, 2], [2, 3]], "u": 1.0, "w": 2.0})], [("pag", {"heads": [[0, 1]], "w": 0.0})]),
 }
-LLM_CASES = {"act": VLM_CASES["act"], "act-heads": ([("act", {"beta": 0.0, "heads": [[1, 1], [2, 3]]})], None)}
+LLM_CASES = {"act": VLM_CASES["act"], "act-heads": ([("act", {"beta": 0.0, "heads": [[1, 1], [2, 3]]})], None),
+             "pag": VLM_CASES["pag"]}
 CASES = [(f, c) for f in VLM_FAMILIES for c in VLM_CASES] + [(f, c) for f in LLM_FAMILIES for c in LLM_CASES]
 
 

@@ -31,9 +31,11 @@ from typing import Any
 
 import torch
 import transformers
+from tqdm import tqdm
 
 from evals.benchmarks.lm import DATA_DIR
 
+from ..api import apply
 from ..errors import ConfigError
 from ..families import resolve
 from ..version import __version__
@@ -85,7 +87,7 @@ def load_task(task: str) -> tuple[list[Example], Path]:
 
 def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit: int | None = None, seed: int = 0,
                      layers: Sequence[int] | None = None, heads: Sequence[int] | None = None, stride: int = 1,
-                     beta: float = 0.4, threshold: float = 0.1, batch_size: int = 8,
+                     beta: float = 0.4, threshold: float = 0.1, batch_size: int = 16,
                      results: str | Path | None = None, progress: bool = True,
                      on_head: Callable[[dict[str, Any]], None] | None = None,
                      model_id: str | None = None) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
         heads (`Sequence[int]`, *optional*): candidate query heads in each layer; default all.
         stride (`int`, *optional*, defaults to `1`): keep every `stride`-th candidate of the layer-major pool.
         beta, threshold (`float`, *optional*, default `0.4`, `0.1`): ACT's parameters during the search.
-        batch_size (`int`, *optional*, defaults to `8`): (context, choice) rows per forward.
+        batch_size (`int`, *optional*, defaults to `16`): (context, choice) rows per forward.
         results (`str` or `Path`, *optional*): JSONL file of finished heads; an existing file of the same search
             is resumed, one of another search is an error.
         progress (`bool`, *optional*, defaults to `True`): a tqdm bar on stderr.
@@ -121,22 +123,13 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
         >>> iv.wrap(model, "act", heads="heads.json")
     """
     examples, path = load_task(task)
-    num_layers = len(resolve(model).attention_modules(model))
-    num_heads = model.get_decoder().config.num_attention_heads
-    layers = list(range(2, num_layers - 1)) if layers is None else sorted(layers)
-    heads = list(range(num_heads)) if heads is None else sorted(heads)
-    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
-        raise ConfigError(f"act-heads: layers={layers} or heads={heads} out of range; the model has layers "
-                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
     if stride < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise ConfigError("act-heads: stride, batch_size and limit must be positive integers")
-    pool = [(layer, head) for layer in layers for head in heads][::stride]
-    if not pool:
-        raise ConfigError("act-heads: the candidate pool is empty; give layers and heads")
+    layers, heads, pool = _candidates(model, layers, heads, stride)
     chosen = list(range(len(examples)))
     if limit is not None and limit < len(examples):
         chosen = sorted(random.Random(seed).sample(chosen, limit))
-    rows, golds = _tokenize([examples[i] for i in chosen], tokenizer)
+    rows, groups = _tokenize([examples[i] for i in chosen], tokenizer)
     setup = {"model": model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
              "task": task, "data": {"file": f"evals/data/lm/{TASKS[task][0]}", "md5": _md5(path)},
              "limit": limit, "seed": seed, "examples": chosen, "beta": beta, "threshold": threshold,
@@ -149,20 +142,16 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
     log = _ResultsLog(Path(results) if results is not None else None, run_key, setup)
     baseline = log.baseline
     if baseline is None:
-        baseline = _score(model, rows, golds, batch_size)
+        baseline = _score(model, rows, groups, batch_size)
         log.write({"kind": "baseline", **baseline})
-    from tqdm import tqdm
-
-    import interventions as iv
-
     bar = tqdm(total=len(pool), initial=sum(p in log.heads for p in pool), desc="act-heads", unit="head",
                file=sys.stderr, disable=not progress)
     with bar:
         for layer, head in pool:
             if (layer, head) in log.heads:
                 continue
-            with iv.apply(model, "act", heads=[[layer, head]], beta=beta, threshold=threshold):
-                record = {"kind": "head", "layer": layer, "head": head, **_score(model, rows, golds, batch_size)}
+            with apply(model, "act", heads=[[layer, head]], beta=beta, threshold=threshold):
+                record = {"kind": "head", "layer": layer, "head": head, **_score(model, rows, groups, batch_size)}
             log.write(record)
             bar.update()
             if on_head is not None:
@@ -193,12 +182,39 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
     }
 
 
+def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: str, indices: Sequence[int] | None = None,
+                  batch_size: int = 16) -> dict[str, float]:
+    """The search's metric on examples `indices` of `task` (default all): `{"accuracy": ..., "margin": ...}`, for
+    the model as it is (wrapped or not); e.g. to check a head list on examples the search did not use."""
+    examples, _ = load_task(task)
+    chosen = range(len(examples)) if indices is None else indices
+    rows, groups = _tokenize([examples[i] for i in chosen], tokenizer)
+    return _score(model, rows, groups, batch_size)
+
+
 def write_heads(result: dict[str, Any], path: str | Path) -> Path:
     """Write a `search_act_heads` result as JSON (sorted keys) that `iv.wrap(model, "act", heads=path)` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _candidates(model: torch.nn.Module, layers: Sequence[int] | None, heads: Sequence[int] | None,
+                stride: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Validated layers and heads (defaults: ACT's 2..L-2, all heads) and the layer-major pool, strided."""
+    adapter = resolve(model)
+    num_layers = len(adapter.attention_modules(model))
+    num_heads = adapter.text_config(model).num_attention_heads
+    layers = list(range(2, num_layers - 1)) if layers is None else sorted(set(layers))
+    heads = list(range(num_heads)) if heads is None else sorted(set(heads))
+    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
+        raise ConfigError(f"act-heads: layers={layers} or heads={heads} out of range; the model has layers "
+                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
+    pool = [(layer, head) for layer in layers for head in heads][::stride]
+    if not pool:
+        raise ConfigError("act-heads: the candidate pool is empty; give layers and heads")
+    return layers, heads, pool
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
@@ -282,8 +298,7 @@ def _md5(path: Path) -> str:
 # ---- command line: `interventions calibrate act-heads` ---------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `interventions calibrate act-heads`."""
-    parser.add_argument("--model", required=True,
-                        help="hub id or local path; 'smollm2' = the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
     parser.add_argument("--task", required=True, choices=sorted(TASKS), help="multiple-choice dev set")
     parser.add_argument("--output", "-o", required=True, help="head-list JSON to write (pass it as act's heads)")
     parser.add_argument("--results", help="per-head JSONL, resumed on restart (default: the output with .jsonl)")
@@ -294,23 +309,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, default=1, help="every stride-th candidate of the layer-major pool")
     parser.add_argument("--beta", type=float, default=0.4)
     parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=8, help="(context, choice) rows per forward")
+    parser.add_argument("--batch-size", type=int, default=16, help="(context, choice) rows per forward")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
     parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
-    parser.add_argument("--revision", default=None, help="model revision (recorded in the file)")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `search_act_heads` from parsed `add_arguments` options, write the file and print a summary."""
-    from .sink_dims import load_model
+    from ..loading import load_model
 
-    model, tokenizer, model_id = load_model(args.model, args.dtype, args.device_map, args.revision)
+    loaded = load_model(args.model, args.dtype, args.device_map)
+    model, tokenizer = loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor)
     output = Path(args.output)
     result = search_act_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed, layers=args.layers,
                               heads=args.heads, stride=args.stride, beta=args.beta, threshold=args.threshold,
                               batch_size=args.batch_size, results=args.results or output.with_suffix(".jsonl"),
-                              progress=not args.no_progress, model_id=model_id)
+                              progress=not args.no_progress, model_id=loaded.model_id)
     write_heads(result, output)
     base = result["baseline"]
     print(f"baseline accuracy {base['accuracy']:.4f}, margin {base['margin']:.4f} on {len(result['examples'])} "

@@ -76,10 +76,16 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         scaling = query.shape[-1] ** -0.5
     want_weights = bool(kwargs.get("output_attentions"))
     editors = binding.session.editors(binding.layer)
-    call = binding.session.attention_call(binding.layer, query, key) if editors or want_weights else None
+    call = (binding.session.attention_call(binding.layer, query, key, value, attention_mask)
+            if editors or want_weights else None)
+    given_mask = attention_mask
+    mask_editors = [m for m in editors if "mask" in m.needs]
+    if mask_editors:
+        attention_mask = _edit_mask(call, mask_editors, attention_mask, query, key.shape[2],
+                                    eager=binding.session.base == "eager")
     requests = [(m, r) for m in editors if "rows" in m.needs and (r := m.request(call)) is not None]
     head_editors = [m for m in editors if "head_outputs" in m.needs]
-    DISPATCH_COUNTS["edited" if requests or head_editors else "base"] += 1
+    DISPATCH_COUNTS["edited" if requests or head_editors or attention_mask is not given_mask else "base"] += 1
     out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                 **kwargs)
     if requests or want_weights:
@@ -88,6 +94,26 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     for method in head_editors:
         out = method.edit_head_outputs(call, out)
     return out, weights
+
+
+def _edit_mask(call: AttentionCall, editors: list[Method], attention_mask: torch.Tensor | None, query: torch.Tensor,
+               kv_len: int, eager: bool) -> torch.Tensor | None:
+    """Let the mask editors change the allowed keys; the result is the mask object itself when none changed it,
+    else a bool mask (SDPA) or an additive float one (eager, or a float mask given), keeping the model's own
+    additive terms on the keys that stay allowed."""
+    batch, _, q_len, _ = query.shape
+    allowed, additive = allowed_keys(attention_mask, batch, q_len, kv_len, query.device)
+    edited = allowed
+    for method in editors:
+        new = method.edit_mask(call, edited)
+        edited = edited if new is None else new
+    if edited is allowed:
+        return attention_mask
+    if additive is None and not eager:
+        return edited
+    dtype = query.dtype if additive is None else additive.dtype
+    keep = torch.zeros((), dtype=dtype, device=query.device) if additive is None else additive.masked_fill(~allowed, 0)
+    return torch.where(edited, keep, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=query.device))
 
 
 def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,

@@ -17,11 +17,17 @@ class AttentionCall:
         layer (`int`): decoder layer index.
         roles (`TokenRoles`): roles of the keys, `kv_len` long.
         query_positions (`torch.LongTensor` of shape `(q_len,)`): absolute positions of the query rows.
+        stream (`str`): `"main"`, or the name of the branch (core/branch.py) this forward belongs to.
+        value (`torch.Tensor` of shape `(batch, kv_heads, kv_len, head_dim)`, *optional*): the layer's values.
+        attention_mask (`torch.Tensor`, *optional*): the mask the model passed to its attention function.
     """
 
     layer: int
     roles: TokenRoles
     query_positions: torch.Tensor
+    stream: str = "main"
+    value: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
 
     @property
     def covers_prompt(self) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import InputError
 from .attention import KEYS, Binding, base_attention, bind, unbind
+from .branch import MAIN, BranchRunner
 from .call import AttentionCall
 from .roles import TokenRoles
 
@@ -38,11 +39,25 @@ class Session:
         for method in methods:
             for layer in method.touched_layers:
                 self._by_layer.setdefault(layer, []).append(method)
+        #: the stream the current forward belongs to: MAIN, or a branch's name (core/branch.py)
+        self.stream = MAIN
+        self.branches = BranchRunner(self, methods, self._image_ids, self._boundary_ids)
+        self._branch_layers = self.branches.layers()
         self._undo: list[Any] = []
 
     # ---- attach / detach -------------------------------------------------------------------------------------
     def attach(self) -> None:
-        """Switch the text decoder to the intervened attention and install the hooks."""
+        """Switch the text decoder to the intervened attention and install the hooks; on an error, undo them."""
+        try:
+            self._attach()
+        except BaseException:
+            self.detach()
+            raise
+
+    def _attach(self) -> None:
+        for method in self.methods:
+            if "model_hooks" in method.needs and method.touched_layers:
+                self._undo.extend(method.install_hooks(self.model))
         config = self.adapter.text_config(self.model)
         previous = config._attn_implementation_internal
         for layer, module in self.adapter.attention_modules(self.model):
@@ -59,6 +74,12 @@ class Session:
                 hook = layers[layer].register_forward_pre_hook(
                     functools.partial(self._layer_input, layer, readers), with_kwargs=True)
                 self._undo.append(hook.remove)
+        for layer in self.branches.refresh_layers:
+            hook = layers[layer].register_forward_pre_hook(functools.partial(self._refresh_branches, layer))
+            self._undo.append(hook.remove)
+        if self.branches.mirrors:
+            hook = self.model.register_forward_hook(self._after_forward)
+            self._undo.append(hook.remove)
         self._wrap_generate()
 
     def detach(self) -> None:
@@ -86,6 +107,12 @@ class Session:
                 if kwargs.get("custom_generate") is not None:
                     raise InputError(f"{loops[0].name} runs its own decoding loop; custom_generate cannot be given")
                 kwargs["custom_generate"] = loops[0].decoding_loop
+            config = kwargs.get("generation_config") or model.generation_config
+            if self.branches.mirrors and (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
+                raise InputError("beam search reorders the main KV cache, which a branch's own cache (pag, pai "
+                                 "use_cfg) cannot follow; decode greedily or by sampling")
+            for method in self.methods:  # generate encodes the images before prefill and drops e.g. image_sizes
+                method.read_inputs(kwargs)
             with self._generating(None if prompt is None else prompt.shape[1]):
                 return original(*args, **kwargs)
 
@@ -103,6 +130,8 @@ class Session:
 
     # ---- per forward -----------------------------------------------------------------------------------------
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.stream != MAIN:  # a branch forward: the branch runner has set its roles
+            return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         source = input_ids if input_ids is not None else embeds
@@ -119,12 +148,21 @@ class Session:
                                                 source.device, self._boundary_ids, self.template)
             self._check_inputs(input_ids)
             for method in self.methods:
+                method.read_inputs(kwargs)
                 method.start_sequence(self.roles)
         elif self.roles is None:
             raise InputError("decoding with a KV cache that this wrapper did not see filled; run the prompt first")
         else:
             self.roles = self.roles.extend(input_ids, mask, past_len, new_len, self._image_ids)
+        if self.branches.owned:
+            self.branches.before_main(args, kwargs, past_len)
         return self._override_positions(args, kwargs, new_len)
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        return self.branches.after_main(output) if self.stream == MAIN else None
+
+    def _refresh_branches(self, layer: int, module: torch.nn.Module, args: tuple) -> None:
+        self.branches.refresh(layer)
 
     def _override_positions(self, args: tuple, kwargs: dict, new_len: int) -> tuple[tuple, dict] | None:
         changed = False
@@ -143,6 +181,8 @@ class Session:
 
     def _layer_input(self, layer: int, readers: list[Method], module: torch.nn.Module, args: tuple,
                      kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.stream != MAIN:  # other methods are off in a branch
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         replaced = False
         for method in readers:
@@ -171,12 +211,15 @@ class Session:
             )
 
     def editors(self, layer: int) -> list[Method]:
-        """Methods touching `layer`, in stack order."""
-        return self._by_layer.get(layer, [])
+        """Methods touching `layer` in the current stream, in stack order."""
+        if self.stream == MAIN:
+            return self._by_layer.get(layer, [])
+        return self._branch_layers[self.stream].get(layer, [])
 
-    def attention_call(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> AttentionCall:
+    def attention_call(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None) -> AttentionCall:
         if self.roles is None:
             raise InputError("call the wrapped model itself (its forward records the token roles), not a submodule")
         total, q_len = self.roles.length, query.shape[2]
         positions = torch.arange(total - q_len, total, device=query.device)
-        return AttentionCall(layer, self.roles.keys(key.shape[2]), positions)
+        return AttentionCall(layer, self.roles.keys(key.shape[2]), positions, self.stream, value, attention_mask)

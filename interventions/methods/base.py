@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..core.branch import Branch
 from ..core.call import AttentionCall, RowRequest
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
@@ -24,19 +26,25 @@ class ModelInfo:
     num_heads: int
     num_kv_heads: int
     has_images: bool
+    #: the top-level model config, for methods that need layout facts (image grid sizes); None in unit tests
+    config: Any = None
 
 
 #: what a method can ask the core for; a method lists the ones it uses in `Method.needs`
-CAPABILITIES = frozenset({"rows", "head_outputs", "layer_inputs", "positions", "decoding_loop"})
+CAPABILITIES = frozenset({"rows", "head_outputs", "layer_inputs", "positions", "mask", "decoding_loop",
+                          "branch", "model_hooks"})
 
 
 class Method:
     """Base class of a method. Subclasses set `config_class` and `needs`, and override the matching hooks.
 
     The core calls: `bind` once at wrap (validate against the model, resolve `touched_layers`); at each forward,
-    `positions` ("positions") and, from an empty cache, `start_sequence`; in each touched layer,
-    `on_layer_input` ("layer_inputs"), then inside attention `request` + `edit` ("rows") and
-    `edit_head_outputs` ("head_outputs"); `decoding_loop` ("decoding_loop") replaces the loop of `generate`.
+    `positions` ("positions") and, from an empty cache, `read_inputs` + `start_sequence`; in each touched layer,
+    `on_layer_input` ("layer_inputs"), then inside attention `edit_mask` ("mask"), `request` + `edit` ("rows")
+    and `edit_head_outputs` ("head_outputs"); `decoding_loop` ("decoding_loop") replaces the loop of `generate`.
+    "branch": the core runs `branches` (second streams, in whose layers the owner's hooks see `call.stream`) and
+    hands each mirroring branch's logits to `combine_logits`.
+    "model_hooks": `install_hooks` once at wrap, for hooks outside the text decoder (e.g. on the vision tower).
     """
 
     config_class: ClassVar[type[MethodConfig]]
@@ -59,6 +67,10 @@ class Method:
     def use_tokenizer(self, tokenizer: Any) -> None:
         """Receive the tokenizer given to `Handle.set_template` (for methods that read words, e.g. content words)."""
 
+    def read_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Keyword inputs (e.g. `image_sizes`) of a `generate` call, which encodes the images before prefill and drops
+        them, and of every forward that starts from an empty cache, before `start_sequence`."""
+
     def start_sequence(self, roles: TokenRoles) -> None:
         """Forget per-sequence state; called before each forward that starts from an empty cache."""
 
@@ -68,6 +80,11 @@ class Method:
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         """Edit `view` (add a bias) for the rows and heads of `request`; `view` may hold more rows and heads."""
+
+    def edit_mask(self, call: AttentionCall, allowed: torch.Tensor) -> torch.Tensor | None:
+        """Keys each query row may attend to, `(batch, 1, q_len, kv_len)` bool (possibly a broadcast view: do not
+        write into it); return a new mask for the base backend and every later edit, or None to keep it."""
+        return None
 
     def edit_head_outputs(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """Per-head attention outputs before `o_proj`, `(batch, q_len, heads, head_dim)`; return the edited ones."""
@@ -81,8 +98,22 @@ class Method:
         """Position ids for the `new_len` newest tokens (`roles` already includes them), or None to keep them."""
         return None
 
+    def install_hooks(self, model: Any) -> list[Callable[[], None]]:
+        """Register hooks on `model` outside the text decoder's attention (e.g. on the vision tower) and return the
+        callables that remove them. Called once by `wrap` after `bind`, only when `touched_layers` is not empty;
+        check everything before registering anything."""
+        return []
+
     def decoding_loop(self, model: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         """Replaces `generate`'s decoding loop (a transformers `custom_generate` callable)."""
+        raise NotImplementedError
+
+    #: second streams the core runs for this method ("branch"), set in `bind`; empty when neutral
+    branches: tuple[Branch, ...] = ()
+
+    def combine_logits(self, branch: Branch, main: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Next-token scores from the main stream's logits and those of an `every_forward` branch, both
+        `(batch, rows, vocab)` over the same positions; e.g. `core.branch.guidance`."""
         raise NotImplementedError
 
 

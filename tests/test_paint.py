@@ -1,0 +1,249 @@
+"""PAINT (shared/specs/head_perturbation.md §5, conformance 9): the dual-stream selection on a hand-built CLS row and,
+in float64 end to end through tiny LLaVA / LLaVA-NeXT, against a direct implementation (eager vision attentions,
+numpy quartiles, positions found by matching the image features the model inserts); the edited last rows against
+the spec formula; neutral / unwrap / KV cache / left padding; errors for families without a CLS token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tiny_models import LLM_FAMILIES, Prompt, build_model, make_inputs
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import interventions as iv
+from interventions.errors import ConfigError, InputError
+from interventions.methods.paint import select_tokens
+
+_CAPTURED: dict[int, dict] = {}
+
+
+def _capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    _CAPTURED[module.layer_idx] = dict(q=query, k=repeat_kv(key, module.num_key_value_groups), scaling=scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+AttentionInterface.register("test_paint_capture", _capture)
+AttentionMaskInterface.register("test_paint_capture", sdpa_mask)
+
+
+def _model(family: str, dtype=torch.float32):
+    """The tiny model of `family` with a 3-layer vision tower (its first and penultimate layers differ) whose
+    attention is sharpened (queries × 6), so that the 16-patch crops of the tiny images have IQR outliers."""
+    base = build_model(family)
+    config = base.config
+    config.vision_config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = type(base)._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    return model
+
+
+def _inputs(model, family, prompts):
+    inputs = make_inputs(model, family, prompts)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+PROMPTS = [Prompt(3, 4, seed=1), Prompt(6, 2, seed=2)]
+
+
+# ---- the selection rule ----------------------------------------------------------------------------------------
+def test_selection_on_a_synthetic_cls_row_matches_the_hand_computation():
+    summary_scores = torch.tensor([[1.0, 2, 3, 4, 5, 6, 7, 30]])
+    local_scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.3, 0.4, 0.5, 0.95]])
+    # Q1 = 2.75, Q3 = 6.25 (linear interpolation), IQR 3.5: the bound is 11.5, only 30 passes
+    local, summary = select_tokens(local_scores, summary_scores, 0.25)
+    assert summary[0].nonzero().flatten().tolist() == [7]
+    assert local[0].nonzero().flatten().tolist() == [0]  # top 2 = {7, 0}, minus the summary token 7
+    local, _ = select_tokens(local_scores, summary_scores, 0.5)
+    assert local[0].nonzero().flatten().tolist() == [0, 2, 6]  # top 4 = {7, 0, 2, 6}
+    # no outlier: an even spread has no summary token
+    _, summary = select_tokens(local_scores, torch.arange(8.0)[None], 0.25)
+    assert not summary.any()
+
+
+def test_iqr_rule_equals_numpy_percentiles():
+    scores = torch.rand(5, 576, generator=torch.Generator().manual_seed(3)) ** 4
+    _, summary = select_tokens(scores, scores, 0.25)
+    for row, flags in zip(scores.numpy(), summary, strict=True):
+        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
+        assert flags.numpy().tolist() == (row > q3 + 1.5 * (q3 - q1)).tolist()
+    assert summary.any()
+
+
+# ---- float64 conformance through the model -----------------------------------------------------------------------
+def _reference_selection(model, inputs, local_ratio=0.25):
+    """Direct implementation: eager vision attentions (CLS row, summed over heads), numpy quartiles, numpy top-k;
+    each LLM image position is traced to its (crop, patch) by matching the image feature the model inserts there
+    against the projected penultimate-layer patch features."""
+    inner = model.model
+    vision_config = inner.vision_tower.config
+    previous = vision_config._attn_implementation_internal
+    vision_config._attn_implementation_internal = "eager"
+    try:
+        extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        with torch.no_grad():
+            out = inner.get_image_features(inputs["pixel_values"], output_attentions=True, **extra)
+            patches = inner.multi_modal_projector(out.hidden_states[-2][:, 1:])  # (crops, P, dim)
+    finally:
+        vision_config._attn_implementation_internal = previous
+    first, penultimate = out.attentions[0][:, :, 0, 1:].sum(1), out.attentions[-2][:, :, 0, 1:].sum(1)
+    crops, count = first.shape
+    local = np.zeros((crops, count), bool)
+    summary = np.zeros((crops, count), bool)
+    for c in range(crops):
+        row = penultimate[c].numpy()
+        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
+        summary[c] = row > q3 + 1.5 * (q3 - q1)
+        top = np.argsort(-first[c].numpy(), kind="stable")[: int(count * local_ratio)]
+        local[c, top] = True
+        local[c] &= ~summary[c]
+    features = torch.cat(list(out.pooler_output))  # in the order the model fills the image positions
+    flat = patches.reshape(crops * count, -1)
+    distance = torch.cdist(features, flat, compute_mode="donot_use_mm_for_euclid_dist")
+    source = torch.where(distance.min(1).values < 1e-12, distance.argmin(1), -1)  # -1: a newline feature
+    image = inputs["input_ids"] == model.config.image_token_id
+    expected = []
+    for flags in (local, summary):
+        mask = torch.zeros_like(image)
+        picked = torch.tensor(flags.reshape(-1))[source.clamp_min(0)] & (source >= 0)
+        mask[image.nonzero(as_tuple=True)] = picked
+        expected.append(mask)
+    return expected, source
+
+
+def _capture_layer(model, inputs, layer):
+    config = model.get_decoder().config
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = "test_paint_capture"
+    try:
+        _CAPTURED.clear()
+        with torch.no_grad():
+            model(**inputs)
+        return _CAPTURED[layer]
+    finally:
+        config._attn_implementation_internal = previous
+
+
+def _softmax(z, valid):
+    length = valid.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
+    return torch.softmax(z.masked_fill(~allowed[:, None], float("-inf")), -1).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("family, alpha, beta", [("llava", 0.7, 0.4), ("llava_next", 2.0, 0.3)])
+def test_selection_and_edited_rows_equal_the_direct_implementation_fp64(family, alpha, beta):
+    model = _model(family, torch.float64)
+    inputs = _inputs(model, family, PROMPTS)
+    (local, summary), source = _reference_selection(model, inputs)
+    assert local.any() and summary.any() and not (local & summary).any()  # the check is not vacuous
+    if family == "llava_next":
+        assert (source == -1).any() and source.max() >= 16  # newline features and grid crops are covered
+    layer = 1
+    captured = _capture_layer(model, inputs, layer)
+    valid = inputs["attention_mask"].bool()
+    z = captured["q"] @ captured["k"].transpose(-1, -2) * captured["scaling"]
+    plain = _softmax(z.clone(), valid)
+    gain = alpha * local.double() + beta * summary.double()
+    z[:, :, -1] += gain[:, None, :] * z[:, :, -1].abs()  # spec §5.2 on the last row, every head
+    expected = _softmax(z, valid)
+    with torch.no_grad(), iv.apply(model, "paint", alpha=alpha, beta=beta, start_layer=layer) as handle:
+        got = model(**inputs, output_attentions=True).attentions
+        selected = handle.methods[0].selection()
+    assert torch.equal(selected[0], local) and torch.equal(selected[1], summary)
+    rows = valid[:, None, :, None]
+    torch.testing.assert_close(got[layer].where(rows, 0), expected.where(rows, 0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[layer][:, :, :-1].where(rows[:, :, :-1], 0), plain[:, :, :-1].where(
+        rows[:, :, :-1], 0), atol=1e-12, rtol=0)  # only the last row changes
+    assert not torch.allclose(got[layer][:, :, -1], plain[:, :, -1], atol=1e-3)
+
+
+# ---- shared properties -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_neutral_and_unwrap_are_bit_identical(family):
+    model = _model(family)
+    inputs = _inputs(model, family, PROMPTS)
+    layers = model.model.vision_tower.encoder.layers
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with iv.apply(model, "paint", alpha=0.0, beta=0.0, start_layer=1):
+            assert torch.equal(model(**inputs).logits, reference)
+            assert not any(layer.self_attn._forward_pre_hooks for layer in layers)  # nothing installed
+        for params in ({"alpha": 0.0, "beta": 0.5}, {"alpha": 0.5, "beta": 0.0}):  # either boost alone edits
+            with iv.apply(model, "paint", start_layer=1, **params):
+                assert not torch.allclose(model(**inputs).logits, reference, atol=1e-4)
+        assert torch.equal(model(**inputs).logits, reference)
+    assert not any(layer.self_attn._forward_pre_hooks for layer in layers)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_kv_cache_decode_equals_full_recompute(family):
+    model = _model(family)
+    inputs = _inputs(model, family, PROMPTS)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), iv.apply(model, "paint", alpha=1.0, beta=1.0, start_layer=1):
+        cached = model.generate(**inputs, **kwargs)
+        full = model.generate(**inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, full.sequences)
+    for a, b in zip(cached.logits, full.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_left_padded_batch_equals_single_runs(family):
+    model = _model(family)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad(), iv.apply(model, "paint", alpha=1.0, beta=1.0, start_layer=1) as handle:
+        batch = model.generate(**_inputs(model, family, PROMPTS), **kwargs)
+        width = batch.sequences.shape[1]
+        for i, prompt in enumerate(PROMPTS):
+            single = model.generate(**_inputs(model, family, [prompt]), **kwargs)
+            local = handle.methods[0].selection()[0]
+            assert local.any()
+            assert torch.equal(single.sequences[0], batch.sequences[i, width - single.sequences.shape[1]:])
+            for a, b in zip(single.logits, batch.logits, strict=True):
+                torch.testing.assert_close(a[0], b[i], atol=1e-5, rtol=1e-5)
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "idefics3"])
+def test_families_without_a_cls_selection_raise(family):
+    with pytest.raises(ConfigError, match="paint: .*CLS token.*llava, llava_next"):
+        iv.wrap(build_model(family), "paint")
+
+
+def test_llm_raises():
+    with pytest.raises(ConfigError, match="paint needs image tokens.*text-only"):
+        iv.wrap(build_model(LLM_FAMILIES[0]), "paint")
+
+
+def test_llava_with_a_siglip_tower_raises_and_stays_untouched():
+    config = build_model("llava").config
+    config.vision_config = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2, image_size=16, patch_size=4)
+    model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(ConfigError, match="paint: .*CLIP vision tower.*'siglip_vision_model'"):
+        iv.wrap(model, "paint")
+    assert model.get_decoder().config._attn_implementation == "sdpa"
+    assert "generate" not in vars(model) and not model._forward_pre_hooks
+    iv.wrap(model, "pai").unwrap()  # not left marked as wrapped
+
+
+def test_images_encoded_outside_the_wrapper_raise_instead_of_reusing_another_selection():
+    model = _model("llava")
+    inputs = _inputs(model, "llava", PROMPTS)
+    with torch.no_grad():
+        encoded = model.model.get_image_features(inputs["pixel_values"])  # before wrapping: no scores were seen
+        plain = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        with iv.apply(model, "paint", start_layer=1):
+            model(**inputs)  # a selection exists now, for a different vision pass
+            with pytest.raises(InputError, match="not encoded by a vision-tower pass this wrapper saw"):
+                model(**plain, mm_encoder_outputs={"image": encoded})
