@@ -91,12 +91,12 @@ def guidance(main: torch.Tensor, other: torch.Tensor, weight: float, cutoff: flo
     """
     dtype = torch.promote_types(main.dtype, torch.float32)
     log_p = torch.log_softmax(main.to(dtype), -1)
-    log_q = torch.log_softmax(other.to(dtype), -1)
-    out = log_p + weight * (log_p - log_q)
-    drop = log_p == float("-inf")  # keeps −inf (and no NaN) where p already excluded a token
+    out = torch.lerp(log_p, torch.log_softmax(other.to(dtype), -1), -weight)  # log p + w·(log p − log q)
     if cutoff > 0:
-        drop |= log_p < log_p.amax(-1, keepdim=True) + math.log(cutoff)
-    return out.masked_fill(drop, float("-inf"))
+        drop = log_p < log_p.amax(-1, keepdim=True) + math.log(cutoff)
+    else:
+        drop = log_p == float("-inf")  # keeps −inf (and no NaN) where p already excluded a token
+    return out.masked_fill_(drop, float("-inf"))
 
 
 @dataclass
@@ -211,19 +211,18 @@ class BranchRunner:
 
     def _fresh_inputs(self, branch: Branch, ids: torch.Tensor | None, kwargs: dict,
                       roles: TokenRoles) -> tuple[_State, dict[str, Any]]:
-        everything = torch.ones_like(roles.valid)
         if branch.inputs == "same":
-            state = _State(roles, None, kwargs.get("attention_mask"), roles.length, everything)
-            return state, {}
+            return _State(roles, None, kwargs.get("attention_mask"), roles.length, torch.ones_like(roles.valid)), {}
         if ids is None:
             raise InputError(f"branch {branch.name!r} removes image tokens, so it needs input_ids (got embeddings)")
+        if not bool(roles.valid[:, -1].all()):  # streams are aligned at their last tokens
+            raise InputError(f"branch {branch.name!r} (vhr, pai use_cfg) needs left padding; this batch is padded on "
+                             "the right (set the tokenizer's or processor's padding_side='left')")
         drop = roles.image | torch.isin(ids, torch.tensor(self._boundary_ids, dtype=ids.dtype, device=ids.device))
         keep = roles.valid & ~drop
         width = int(keep.sum(1).max())
-        mask = torch.zeros(ids.shape[0], width, dtype=torch.long, device=ids.device)
+        mask = _left_pack(keep.long(), keep, width, fill=0)
         inputs = {"input_ids": _left_pack(ids, keep, width, fill=0)}
-        for sample in range(ids.shape[0]):
-            mask[sample, width - int(keep[sample].sum()):] = 1
         for key in _PER_POSITION:
             if kwargs.get(key) is not None:
                 inputs[key] = _left_pack(kwargs[key], keep, width, fill=0)
