@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..families import resolve
 from ..methods.pag import PagConfig
 from ..version import __version__
-from .act_heads import TASKS, _score, _tokenize, load_task
+from .act_heads import TASKS, _md5, _score, _tokenize, load_task
 
 logger = logging.getLogger(__name__)
 Head = tuple[int, int]
@@ -205,10 +205,6 @@ class _SetLog:
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 # ---- command line: `interventions calibrate perturb-heads` -----------------------------------------------------
