@@ -24,6 +24,8 @@ from interventions.methods.base import ModelInfo
 from interventions.methods.gift import Gift, GiftConfig, content_mask
 
 LAYERS = dict(saliency_layers=[0], enhancement_layers=[1, 2])
+#: the Qwen2-VL-7B preset's layout: a saliency layer inside the enhancement range needs the separate saliency pass
+INSIDE = dict(saliency_layers=[1], enhancement_layers=[0, 1, 2])
 KWARGS = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
@@ -95,12 +97,14 @@ def enhanced_reference(a, hat, image, question, alpha, row):
 
 @pytest.fixture
 def capture(monkeypatch):
-    """q and k (GQA-expanded) of every text layer in the wrapped model's own forward."""
-    captured = {}
+    """q and k (GQA-expanded) of every text layer, per layer in call order (a saliency branch's before the main
+    forward's)."""
+    captured: dict[int, list] = {}
     original = attention.intervened_attention
 
     def spy(module, query, key, value, attention_mask, **kwargs):
-        captured[module.layer_idx] = (query, repeat_kv(key, module.num_key_value_groups), kwargs["scaling"])
+        entry = (query, repeat_kv(key, module.num_key_value_groups), kwargs["scaling"])
+        captured.setdefault(module.layer_idx, []).append(entry)
         return original(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.KEYS["sdpa"], spy)
@@ -130,7 +134,7 @@ def test_map_and_last_rows_equal_spec_formulas_fp64(capture, saliency, enhanceme
                 if tokenizer is None or not tokenizer.stop(int(inputs["input_ids"][b, t]))] for b in range(2)]
     if tokenizer is not None:  # the filter keeps some question tokens and drops others
         assert all(0 < len(c) < int(question[b].sum()) for b, c in enumerate(content))
-    plain = {layer: _plain_probs(*capture[layer], valid) for layer in range(3)}
+    plain = {layer: _plain_probs(*capture[layer][-1], valid) for layer in range(3)}
 
     expected_map = saliency_reference([plain[layer] for layer in saliency], image, content)
     torch.testing.assert_close(got_map, expected_map, atol=1e-10, rtol=0)
@@ -146,6 +150,46 @@ def test_map_and_last_rows_equal_spec_formulas_fp64(capture, saliency, enhanceme
         torch.testing.assert_close(got[layer].where(rows, 0), expected.where(rows, 0), atol=1e-6, rtol=0)
         sums = got[layer].sum(-1)[valid[:, None, :].expand(-1, 4, -1)]
         torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-12, rtol=0)
+
+
+def test_separate_saliency_pass_reads_the_unmodified_model_fp64(capture):
+    """A saliency layer inside the enhancement range: the map comes from an extra unmodified prefill (its layers run
+    first, see `capture`), the enhancement from the main forward's own rows."""
+    model = _model("llava", torch.float64)
+    inputs = make_inputs(model, "llava", [Prompt(2, 6, seed=3), Prompt(5, 4, seed=4)])
+    alpha = 2.5
+    with torch.no_grad(), iv.apply(model, "gift", alpha=alpha, **INSIDE) as handle:
+        got = model(**inputs, output_attentions=True).attentions
+        got_map = handle.methods[0].saliency_map()
+        roles = handle.roles
+    valid = inputs["attention_mask"].bool()
+    assert [len(capture[layer]) for layer in range(3)] == [2, 2, 2]  # one saliency pass, one main forward
+    unmodified = _plain_probs(*capture[1][0], valid)
+    expected_map = saliency_reference([unmodified], roles.image, [q.nonzero().flatten().tolist()
+                                                                  for q in roles.question])
+    torch.testing.assert_close(got_map, expected_map, atol=1e-10, rtol=0)
+    rows, last = valid[:, None, :, None], valid.shape[1] - 1
+    for layer in range(3):
+        expected = enhanced_reference(_plain_probs(*capture[layer][1], valid), expected_map, roles.image,
+                                      roles.question, alpha, last)
+        torch.testing.assert_close(got[layer].where(rows, 0), expected.where(rows, 0), atol=1e-6, rtol=0)
+
+
+def test_separate_pass_equals_same_prefill_where_both_apply():
+    """Spec check 8: both sources of the map give the same map (1e-6) and logits (1e-5) in float32."""
+    model = _model("llava")
+    inputs = make_inputs(model, "llava", _prompts())
+    results = []
+    with torch.no_grad():
+        for saliency_pass in ("same_prefill", "separate"):
+            with iv.apply(model, "gift", alpha=3.0, saliency_pass=saliency_pass, **LAYERS) as handle:
+                out = model.generate(**inputs, **KWARGS)
+                results.append((handle.methods[0].saliency_map(), out))
+    (map_a, a), (map_b, b) = results
+    torch.testing.assert_close(map_a, map_b, atol=1e-6, rtol=0)
+    assert torch.equal(a.sequences, b.sequences)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
 def test_bias_equals_post_softmax_formula():
@@ -285,16 +329,20 @@ def test_presets_by_family_and_size():
     assert (gift.alpha, sorted(gift.saliency_layers)) == (2.0, [10])  # an explicit alpha wins over the preset's
     assert sorted(gift.enhancement_layers) == list(range(14, 21))
     qwen = ModelInfo("qwen2_vl", 28, 28, 4, True)
-    with pytest.raises(ConfigError, match="separate unmodified saliency pass"):
-        _bind(qwen)  # official saliency layer 14 lies inside the enhancement layers 5..18
+    gift = _bind(qwen)  # official saliency layer 14 lies inside the enhancement layers 5..18: an extra pass
+    assert (gift.alpha, sorted(gift.saliency_layers), gift.separate) == (4.0, [14], True)
+    assert [(b.schedule, b.inputs, sorted(b.layers)) for b in gift.branches] == [("prefill", "same", [14])]
+    assert gift.touched_layers == frozenset(range(5, 19))
     gift = _bind(qwen, saliency_layers=[4])
-    assert (gift.alpha, sorted(gift.enhancement_layers)) == (4.0, list(range(5, 19)))
+    assert (gift.alpha, sorted(gift.enhancement_layers), gift.separate, gift.branches) == (
+        4.0, list(range(5, 19)), False, ())
 
 
 @pytest.mark.parametrize("params, match", [
     (dict(alpha=1.0), "no preset for a llava model with 3 layers × 4 heads.*saliency_layers, enhancement_layers"),
     (dict(saliency_layers=[0], enhancement_layers=[1]), "pass alpha explicitly"),
-    (dict(alpha=1.0, saliency_layers=[1], enhancement_layers=[1, 2]), "must all precede"),
+    (dict(alpha=1.0, saliency_pass="same_prefill", **INSIDE),
+     "same_prefill' needs saliency_layers \\[1\\] to all precede enhancement_layers 0..2"),
     (dict(alpha=1.0, saliency_layers=[0], enhancement_layers=[1, 3]), "out of range"),
     (dict(alpha=-1.0, **LAYERS), "alpha=-1.0 is invalid"),
     (dict(content_words="pos", **LAYERS), "content_words='pos' is invalid; expected one of 'auto', 'spacy'"),
@@ -313,26 +361,28 @@ def test_llm_family_raises(family):
 
 
 # ---- shared properties on every VLM family ---------------------------------------------------------------------
+@pytest.mark.parametrize("layers", [LAYERS, INSIDE], ids=["same_prefill", "separate"])
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_neutral_unwrap_and_edit(family):
+def test_neutral_unwrap_and_edit(family, layers):
     model = _model(family)
     inputs = make_inputs(model, family, _prompts())
     with torch.no_grad():
         reference = model(**inputs).logits
-        with iv.apply(model, "gift", alpha=0.0, **LAYERS):
+        with iv.apply(model, "gift", alpha=0.0, **layers):
             assert torch.equal(model(**inputs).logits, reference)
-        with iv.apply(model, "gift", alpha=3.0, **LAYERS):
+        with iv.apply(model, "gift", alpha=3.0, **layers):
             changed = model(**inputs).logits
         assert torch.equal(model(**inputs).logits, reference)
     assert not torch.allclose(changed[:, -1], reference[:, -1], atol=1e-3)
     assert torch.equal(changed[:, :-1], reference[:, :-1])  # read-only saliency rows keep SDPA bit for bit
 
 
+@pytest.mark.parametrize("layers", [LAYERS, INSIDE], ids=["same_prefill", "separate"])
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_kv_cache_decode_equals_full_recompute(family):
+def test_kv_cache_decode_equals_full_recompute(family, layers):
     model = _model(family)
     inputs = make_inputs(model, family, _prompts())
-    with torch.no_grad(), iv.apply(model, "gift", alpha=3.0, **LAYERS):
+    with torch.no_grad(), iv.apply(model, "gift", alpha=3.0, **layers):
         cached = model.generate(**inputs, **KWARGS)
         full = model.generate(**inputs, use_cache=False, **KWARGS)
     assert torch.equal(cached.sequences, full.sequences)
@@ -340,11 +390,12 @@ def test_kv_cache_decode_equals_full_recompute(family):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [LAYERS, INSIDE], ids=["same_prefill", "separate"])
 @pytest.mark.parametrize("family", VLM_FAMILIES)
-def test_left_padded_batch_equals_single_runs(family):
+def test_left_padded_batch_equals_single_runs(family, layers):
     model = _model(family)
     prompts = _prompts()
-    with torch.no_grad(), iv.apply(model, "gift", alpha=3.0, **LAYERS):
+    with torch.no_grad(), iv.apply(model, "gift", alpha=3.0, **layers):
         batch = model.generate(**make_inputs(model, family, prompts), **KWARGS)
         width = batch.sequences.shape[1]
         for i, prompt in enumerate(prompts):

@@ -11,8 +11,12 @@ with the most question mass, question probabilities are multiplied by `new/orig`
 first group, one scalar per row); the row is renormalised. Implemented as the exact pre-softmax bias `alpha·ĥ` on
 the image keys and `log(new/orig)` on the question keys (spec §5).
 
-The map is computed inside the same prefill: the saliency layers must all precede the enhancement layers, so
-their question rows are those of the unmodified model (the saliency rows are requested read-only).
+Where the map comes from (`saliency_pass`): when every saliency layer precedes every enhancement layer, inside the
+same prefill (the saliency rows are requested read-only, so they are those of the unmodified model: exact, no extra
+pass); otherwise (e.g. the Qwen2-VL-7B preset, saliency layer 14 inside enhancement layers 5-18) from one extra
+unmodified prefill of the same inputs, run by the core as a "prefill" branch before the main prefill — the
+official pipeline. The spec's zero-cost alternative for that case ("split prefill": the prompt minus its last token,
+then the last token as a one-row step) gives the same numbers and is not implemented.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..core.branch import Branch
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError
@@ -36,6 +41,9 @@ from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_r
 from .params import MethodConfig, choice, int_list, number, optional, param
 
 logger = logging.getLogger(__name__)
+
+#: the stream of the extra unmodified saliency prefill (`saliency_pass="separate"`)
+SALIENCY = "gift_saliency"
 
 #: spaCy coarse POS tags of content words [code] inference.py CONTENT_TAGS
 CONTENT_POS = frozenset({"NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM"})
@@ -87,6 +95,11 @@ class GiftConfig(MethodConfig):
                                         "or 'disable' the sample (map 0, no enhancement)",
                                         "[derived] spec §3 (the official code gives NaN)",
                                         choice("all_query_tokens", "disable"))
+    saliency_pass: str = param("auto", "where the map comes from: 'same_prefill' (needs every saliency layer before "
+                               "every enhancement layer; no extra pass), 'separate' (an extra unmodified prefill, as "
+                               "the official code), or 'auto' (same_prefill when possible, else separate)",
+                               "[code] separate saliency pass; [derived] spec §5 same-prefill simplification",
+                               choice("auto", "same_prefill", "separate"))
 
 
 @METHODS.register("gift")
@@ -94,7 +107,7 @@ class Gift(Method):
     """Gaze-shift saliency map + last-row cross-modal enhancement; see `GiftConfig` and the module docstring."""
 
     config_class = GiftConfig
-    needs = frozenset({"rows"})
+    needs = frozenset({"rows", "branch"})
     needs_image_tokens = True
 
     def bind(self, model: ModelInfo) -> None:
@@ -112,13 +125,11 @@ class Gift(Method):
                 for n in ("alpha", "saliency_layers", "enhancement_layers")}
         saliency = layer_range(model, "gift", tuple(pick["saliency_layers"]), range(0))
         enhancement = layer_range(model, "gift", tuple(pick["enhancement_layers"]), range(0))
-        if max(saliency) >= min(enhancement):
+        in_prefill = max(saliency) < min(enhancement)
+        if cfg.saliency_pass == "same_prefill" and not in_prefill:
             raise ConfigError(
-                f"gift: saliency_layers {sorted(saliency)} must all precede enhancement_layers "
-                f"{min(enhancement)}..{max(enhancement)}: the map is computed inside the same prefill; a saliency "
-                "layer at or after an enhancement layer needs a separate unmodified saliency pass, which this "
-                "version does not run (e.g. the Qwen2-VL-7B preset); choose saliency layers below the enhancement "
-                "layers"
+                f"gift: saliency_pass='same_prefill' needs saliency_layers {sorted(saliency)} to all precede "
+                f"enhancement_layers {min(enhancement)}..{max(enhancement)}; use saliency_pass='separate' or 'auto'"
             )
         if cfg.content_words == "spacy" and not _spacy_available():
             raise ConfigError("gift: content_words='spacy' needs spacy and its en_core_web_sm model installed; "
@@ -128,7 +139,14 @@ class Gift(Method):
         self._num_heads = model.num_heads
         self._tokenizer: Any = None
         self._warned = False
-        self.touched_layers = frozenset() if self.alpha == 0 else saliency | enhancement
+        self.separate = cfg.saliency_pass == "separate" or not in_prefill
+        if self.alpha == 0:
+            self.touched_layers, self.branches = frozenset(), ()
+        elif self.separate:
+            self.touched_layers = enhancement
+            self.branches = (Branch(SALIENCY, "same", "prefill", saliency),)
+        else:
+            self.touched_layers, self.branches = saliency | enhancement, ()
         self._map: torch.Tensor | None = None
         self._content: list[torch.Tensor] | None = None
         self._acc: dict[int, tuple[torch.Tensor, int]] = {}
@@ -137,6 +155,8 @@ class Gift(Method):
         self._tokenizer = tokenizer
 
     def start_sequence(self, roles: TokenRoles) -> None:
+        if self.separate and bool(roles.generated.any()):
+            return  # a no-cache recompute of a generation keeps the map of its first prefill (no branch runs)
         self._map, self._content, self._acc = None, None, {}
 
     def saliency_map(self) -> torch.Tensor | None:
@@ -145,9 +165,12 @@ class Gift(Method):
         return self._map
 
     # ---- rows ------------------------------------------------------------------------------------------------
+    def _reads_saliency(self, call: AttentionCall) -> bool:
+        return call.stream == SALIENCY if self.separate else call.layer in self.saliency_layers
+
     def request(self, call: AttentionCall) -> RowRequest | None:
         roles = call.roles
-        if call.layer in self.saliency_layers:
+        if self._reads_saliency(call):
             if not call.covers_prompt:
                 return None
             question = roles.question.any(0)
@@ -160,7 +183,7 @@ class Gift(Method):
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         if view.heads.numel() != self._num_heads:
             raise RuntimeError("gift needs every query head of its rows")
-        if call.layer in self.saliency_layers:
+        if self._reads_saliency(call):
             self._accumulate(call, view)
             if call.layer == max(self.saliency_layers):
                 self._finish_map(call.roles, view.logits.dtype)
