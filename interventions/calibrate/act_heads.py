@@ -2,10 +2,8 @@
 set of a multiple-choice task, keep the heads that beat the unmodified model, and write the head list that
 `iv.wrap(model, "act", heads="heads.json")` reads.
 
-Scoring (fast; no lm-eval): lm-eval's stock zero-shot prompt of the task (`copa`, `boolq`, `arc_easy`, data shipped
-in `evals/data/lm/`); each choice's continuation log-likelihood given the context, summed over its tokens (lm-eval's
-`acc`). Accuracy: the gold choice has the largest log-likelihood. Margin: the mean over examples of the gold choice's
-log-likelihood minus the best other choice's. Rule [derived; the official code logs accuracies only]: a head is
+Scoring (`calibrate/devset.py`, fast, no lm-eval): lm-eval's stock zero-shot prompt of a shipped multiple-choice
+task (`copa`, `boolq`, `arc_easy`); accuracy and mean gold margin of summed continuation log-likelihoods. Rule [derived; the official code logs accuracies only]: a head is
 kept when `(Δaccuracy, Δmargin) > (0, 0)` lexicographically: it raises accuracy, or keeps it and raises the margin.
 ACT's own protocol (§8: options in the prompt, one generated letter, 900 training examples) is not this one.
 
@@ -17,72 +15,32 @@ per-head line is appended to a JSONL file as soon as the head finishes; a restar
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
-import json
 import logging
 import math
-import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from tqdm import tqdm
-
-from evals.benchmarks.lm import DATA_DIR
 
 from ..api import apply
 from ..errors import ConfigError
 from ..families import resolve
-from ..version import __version__
+from .devset import (
+    TASKS,
+    SearchLog,
+    dev_set,
+    load_task,
+    provenance,
+    run_key,
+    score,
+    tokenize,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One multiple-choice question: the context, the continuations (with their leading space), the gold index."""
-
-    context: str
-    choices: tuple[str, ...]
-    gold: int
-
-
-def _copa(doc: dict) -> Example:
-    connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
-    lower = [" " + c[0].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
-    return Example(doc["premise"].strip()[:-1] + f" {connector}", tuple(lower), int(doc["label"]))
-
-
-def _boolq(doc: dict) -> Example:
-    return Example(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", (" no", " yes"), int(doc["label"]))
-
-
-def _arc(doc: dict) -> Example:
-    choices = tuple(" " + text for text in doc["choices"]["text"])
-    return Example(f"Question: {doc['question']}\nAnswer:", choices, doc["choices"]["label"].index(doc["answerKey"]))
-
-
-#: task -> (data file under evals/data/lm, document -> Example), prompts as lm-eval's stock tasks
-TASKS: dict[str, tuple[str, Callable[[dict], Example]]] = {
-    "copa": ("copa/validation.jsonl", _copa),
-    "boolq": ("boolq/validation.jsonl", _boolq),
-    "arc_easy": ("arc_easy/test.jsonl", _arc),
-}
-
-
-def load_task(task: str) -> tuple[list[Example], Path]:
-    """The examples of a shipped task and its data file."""
-    if task not in TASKS:
-        raise ConfigError(f"act-heads: task={task!r} is invalid; expected one of {', '.join(TASKS)}")
-    name, parse = TASKS[task]
-    path = DATA_DIR / name
-    with open(path) as f:
-        return [parse(json.loads(line)) for line in f if line.strip()], path
 
 
 def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit: int | None = None, seed: int = 0,
@@ -122,44 +80,41 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
         >>> write_heads(result, "heads.json")
         >>> iv.wrap(model, "act", heads="heads.json")
     """
-    examples, path = load_task(task)
-    if stride < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise ConfigError("act-heads: stride, batch_size and limit must be positive integers")
+    if stride < 1:
+        raise ConfigError("act-heads: stride must be a positive integer")
+    dev = dev_set(model, tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, model_id=model_id,
+                  tool="act-heads")
     layers, heads, pool = _candidates(model, layers, heads, stride)
-    chosen = list(range(len(examples)))
-    if limit is not None and limit < len(examples):
-        chosen = sorted(random.Random(seed).sample(chosen, limit))
-    rows, groups = _tokenize([examples[i] for i in chosen], tokenizer)
-    setup = {"model": model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
-             "task": task, "data": {"file": f"evals/data/lm/{TASKS[task][0]}", "md5": _md5(path)},
-             "limit": limit, "seed": seed, "examples": chosen, "beta": beta, "threshold": threshold,
-             "batch_size": batch_size}
-    run_key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
-    forwards = math.ceil(len(rows) / batch_size)
+    setup = {**dev.setup, "beta": beta, "threshold": threshold}
+    key = run_key(setup)
+    forwards = math.ceil(len(dev.rows) / batch_size)
     logger.info("act-heads: %d candidate heads × %d forwards (%d examples, %d rows); run %s", len(pool), forwards,
-                len(chosen), len(rows), run_key)
+                len(dev.examples), len(dev.rows), key)
 
-    log = _ResultsLog(Path(results) if results is not None else None, run_key, setup)
-    baseline = log.baseline
+    log = SearchLog(Path(results) if results is not None else None, key, setup, "act-heads")
+    done = {(r["layer"], r["head"]): r for r in log.records if r["kind"] == "head"}
+    baseline = next(({"accuracy": r["accuracy"], "margin": r["margin"]} for r in log.records
+                     if r["kind"] == "baseline"), None)
     if baseline is None:
-        baseline = _score(model, rows, groups, batch_size)
+        baseline = dev.score(model)
         log.write({"kind": "baseline", **baseline})
-    bar = tqdm(total=len(pool), initial=sum(p in log.heads for p in pool), desc="act-heads", unit="head",
+    bar = tqdm(total=len(pool), initial=sum(p in done for p in pool), desc="act-heads", unit="head",
                file=sys.stderr, disable=not progress)
     with bar:
         for layer, head in pool:
-            if (layer, head) in log.heads:
+            if (layer, head) in done:
                 continue
             with apply(model, "act", heads=[[layer, head]], beta=beta, threshold=threshold):
-                record = {"kind": "head", "layer": layer, "head": head, **_score(model, rows, groups, batch_size)}
+                record = {"kind": "head", "layer": layer, "head": head, **dev.score(model)}
             log.write(record)
+            done[(layer, head)] = record
             bar.update()
             if on_head is not None:
                 on_head(record)
 
     per_head = []
     for layer, head in pool:
-        record = log.heads[(layer, head)]
+        record = done[(layer, head)]
         delta = (record["accuracy"] - baseline["accuracy"], record["margin"] - baseline["margin"])
         per_head.append({"layer": layer, "head": head, "accuracy": record["accuracy"], "margin": record["margin"],
                          "delta_accuracy": delta[0], "delta_margin": delta[1], "kept": delta > (0.0, 0.0)})
@@ -173,12 +128,10 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
         "pool": {"layers": layers, "heads": heads, "stride": stride, "size": len(pool)},
         "baseline": baseline,
         "results": per_head,
-        "cost": {"rows": len(rows), "forwards_per_head": forwards, "evaluations": len(pool) + 1,
+        "cost": {"rows": len(dev.rows), "forwards_per_head": forwards, "evaluations": len(pool) + 1,
                  "forwards": forwards * (len(pool) + 1)},
-        "run_key": run_key,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"interventions": __version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
+        "run_key": key,
+        **provenance(),
     }
 
 
@@ -186,18 +139,15 @@ def evaluate_task(model: torch.nn.Module, tokenizer: Any, task: str, indices: Se
                   batch_size: int = 16) -> dict[str, float]:
     """The search's metric on examples `indices` of `task` (default all): `{"accuracy": ..., "margin": ...}`, for
     the model as it is (wrapped or not); e.g. to check a head list on examples the search did not use."""
-    examples, _ = load_task(task)
+    examples, _ = load_task(task, "act-heads")
     chosen = range(len(examples)) if indices is None else indices
-    rows, groups = _tokenize([examples[i] for i in chosen], tokenizer)
-    return _score(model, rows, groups, batch_size)
+    rows, groups = tokenize([examples[i] for i in chosen], tokenizer)
+    return score(model, rows, groups, batch_size)
 
 
 def write_heads(result: dict[str, Any], path: str | Path) -> Path:
     """Write a `search_act_heads` result as JSON (sorted keys) that `iv.wrap(model, "act", heads=path)` reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_result(result, path)
 
 
 def _candidates(model: torch.nn.Module, layers: Sequence[int] | None, heads: Sequence[int] | None,
@@ -215,84 +165,6 @@ def _candidates(model: torch.nn.Module, layers: Sequence[int] | None, heads: Seq
     if not pool:
         raise ConfigError("act-heads: the candidate pool is empty; give layers and heads")
     return layers, heads, pool
-
-
-# ---- scoring ---------------------------------------------------------------------------------------------------
-def _tokenize(examples: list[Example], tokenizer: Any) -> tuple[list[tuple[list[int], int]], list[list[int]]]:
-    """Rows `(ids, continuation length)` in example-major order, and the row indices of each example's choices
-    (gold first). The continuation is cut from the tokenized whole, as lm-eval does."""
-    rows, groups = [], []
-    for ex in examples:
-        context = tokenizer(ex.context, add_special_tokens=False)["input_ids"]
-        indices = []
-        for choice in ex.choices:
-            whole = tokenizer(ex.context + choice, add_special_tokens=False)["input_ids"]
-            indices.append(len(rows))
-            rows.append((whole, len(whole) - len(context)))
-        groups.append([indices[ex.gold]] + [i for c, i in enumerate(indices) if c != ex.gold])
-    return rows, groups
-
-
-@torch.no_grad()
-def _score(model: torch.nn.Module, rows: list[tuple[list[int], int]], groups: list[list[int]],
-           batch_size: int) -> dict[str, float]:
-    """Accuracy and mean gold margin from the summed continuation log-likelihood of every row."""
-    device = next(model.parameters()).device
-    loglik = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        keep = max(n for _, n in batch) + 1
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, (row, _) in enumerate(batch):  # left padding: every row ends at the last position
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       logits_to_keep=keep).logits.float()
-        logprobs = logits[:, :-1].log_softmax(-1)  # predicts the last keep - 1 tokens
-        for i, (row, n) in enumerate(batch):
-            targets = torch.tensor(row[len(row) - n:], device=device)
-            loglik.append(float(logprobs[i, logprobs.shape[1] - n:].gather(-1, targets[:, None]).sum()))
-    gold = torch.tensor([loglik[g[0]] for g in groups], dtype=torch.float64)
-    other = torch.tensor([max(loglik[i] for i in g[1:]) for g in groups], dtype=torch.float64)
-    return {"accuracy": float((gold > other).double().mean()), "margin": float((gold - other).mean())}
-
-
-class _ResultsLog:
-    """Append-only JSONL of one search: a header with its run key, the baseline, one line per finished head."""
-
-    def __init__(self, path: Path | None, run_key: str, setup: dict[str, Any]) -> None:
-        self.path = path
-        self.baseline: dict[str, float] | None = None
-        self.heads: dict[tuple[int, int], dict[str, Any]] = {}
-        lines = []
-        if path is not None and path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines and lines[0].get("run_key") != run_key:
-            raise ConfigError(f"act-heads: {path} holds another search (run {lines[0].get('run_key')}, this one is "
-                              f"{run_key}: model, task, examples, beta, threshold or batch size differ); give a new "
-                              "results path or delete it")
-        for line in lines[1:]:
-            if line["kind"] == "baseline":
-                self.baseline = {"accuracy": line["accuracy"], "margin": line["margin"]}
-            else:
-                self.heads[(line["layer"], line["head"])] = line
-        if path is not None and not lines:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.write({"kind": "header", "run_key": run_key, **setup})
-
-    def write(self, record: dict[str, Any]) -> None:
-        if record["kind"] == "head":
-            self.heads[(record["layer"], record["head"])] = record
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 # ---- command line: `interventions calibrate act-heads` ---------------------------------------------------------

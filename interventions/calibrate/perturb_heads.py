@@ -6,7 +6,7 @@ Each round scores every remaining candidate head c by guiding the model with the
 (`pag` with `u`, `w`, `target`, `cutoff`), ranks the candidates by (accuracy, margin) on the dev set,
 lexicographically, best first (the pool's layer-major order breaks ties), and adds the best `top_k` to S; then S
 itself is scored once (logged as the round's set score). The dev set and its scoring are act-heads'
-(calibrate/act_heads.py): lm-eval's stock zero-shot prompt of a shipped multiple-choice task, accuracy and mean gold
+(calibrate/devset.py): lm-eval's stock zero-shot prompt of a shipped multiple-choice task, accuracy and mean gold
 margin of summed continuation log-likelihoods, here under the guided scores. The plausibility cutoff defaults to
 0 (off) during the search: with a cutoff, a gold token outside the plausible set scores −inf.
 
@@ -20,25 +20,19 @@ restart of the same search reads it back and only computes what is missing.
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
-import json
 import logging
 import math
-import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 from ..errors import ConfigError
 from ..families import resolve
 from ..methods.pag import PagConfig
-from ..version import __version__
-from .act_heads import TASKS, _md5, _score, _tokenize, load_task
+from .devset import TASKS, SearchLog, dev_set, provenance, run_key, write_result
 
 logger = logging.getLogger(__name__)
 Head = tuple[int, int]
@@ -87,9 +81,10 @@ def search_perturb_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, l
     PagConfig(heads=[(0, 0)], u=u, w=w, target=target, cutoff=cutoff)  # the same checks as the method
     if u == 0 or w == 0:
         raise ConfigError("perturb-heads: u and w must be positive (u = 0 or w = 0 switches guidance off)")
-    if rounds < 1 or top_k < 1 or batch_size < 1 or (limit is not None and limit < 1):
-        raise ConfigError("perturb-heads: rounds, top_k, batch_size and limit must be positive integers")
-    examples, path = load_task(task)
+    if rounds < 1 or top_k < 1:
+        raise ConfigError("perturb-heads: rounds and top_k must be positive integers")
+    dev = dev_set(model, tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, model_id=model_id,
+                  tool="perturb-heads")
     num_layers = len(resolve(model).attention_modules(model))
     num_heads = model.get_decoder().config.num_attention_heads
     layers = list(range(num_layers)) if layers is None else sorted(layers)
@@ -98,39 +93,35 @@ def search_perturb_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, l
         raise ConfigError(f"perturb-heads: layers={layers} or heads={heads} out of range; the model has layers "
                           f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
     pool: list[Head] = [(layer, head) for layer in layers for head in heads]
-    chosen = list(range(len(examples)))
-    if limit is not None and limit < len(examples):
-        chosen = sorted(random.Random(seed).sample(chosen, limit))
-    rows, golds = _tokenize([examples[i] for i in chosen], tokenizer)
-    setup = {"model": model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
-             "task": task, "data": {"file": f"evals/data/lm/{TASKS[task][0]}", "md5": _md5(path)},
-             "limit": limit, "seed": seed, "examples": chosen, "batch_size": batch_size,
-             "search": {"u": u, "w": w, "target": target, "cutoff": cutoff, "rounds": rounds, "top_k": top_k,
-                        "layers": layers, "heads": heads}}
-    run_key = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
-    forwards = math.ceil(len(rows) / batch_size)
+    setup = {**dev.setup, "search": {"u": u, "w": w, "target": target, "cutoff": cutoff, "rounds": rounds,
+                                     "top_k": top_k, "layers": layers, "heads": heads}}
+    key = run_key(setup)
+    forwards = math.ceil(len(dev.rows) / batch_size)
     total = sum(max(0, len(pool) - r * top_k) + 1 for r in range(rounds)) + 1
     logger.info("perturb-heads: %d candidates, %d rounds of top %d: up to %d evaluations × %d guided forwards; "
-                "run %s", len(pool), rounds, top_k, total, forwards, run_key)
+                "run %s", len(pool), rounds, top_k, total, forwards, key)
 
     from tqdm import tqdm
 
     import interventions as iv
 
-    log = _SetLog(Path(results) if results is not None else None, run_key, setup)
+    log = SearchLog(Path(results) if results is not None else None, key, setup, "perturb-heads")
+    scores = {tuple(tuple(p) for p in r["heads"]): {"accuracy": r["accuracy"], "margin": r["margin"]}
+              for r in log.records}
     bar = tqdm(total=total, desc="perturb-heads", unit="set", file=sys.stderr, disable=not progress)
 
     def evaluate(subset: Sequence[Head]) -> dict[str, float]:
-        key = tuple(sorted(subset))
-        if key not in log.sets:
-            if key:
-                with iv.apply(model, "pag", heads=[list(p) for p in key], u=u, w=w, target=target, cutoff=cutoff):
-                    score = _score(model, rows, golds, batch_size)
+        heads_key = tuple(sorted(subset))
+        if heads_key not in scores:
+            if heads_key:
+                with iv.apply(model, "pag", heads=[list(p) for p in heads_key], u=u, w=w, target=target,
+                              cutoff=cutoff):
+                    scores[heads_key] = dev.score(model)
             else:
-                score = _score(model, rows, golds, batch_size)
-            log.write(key, score)
+                scores[heads_key] = dev.score(model)
+            log.write({"kind": "set", "heads": [list(p) for p in heads_key], **scores[heads_key]})
         bar.update()
-        return log.sets[key]
+        return scores[heads_key]
 
     selected: list[Head] = []
     history = []
@@ -155,56 +146,21 @@ def search_perturb_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, l
                      "lexicographic, higher is better",
         "baseline": baseline,
         "rounds": history,
-        "cost": {"rows": len(rows), "forwards_per_evaluation": forwards, "streams_per_forward": 2,
-                 "evaluations": len(log.sets)},
-        "run_key": run_key,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"interventions": __version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__},
+        "cost": {"rows": len(dev.rows), "forwards_per_evaluation": forwards, "streams_per_forward": 2,
+                 "evaluations": len(scores)},
+        "run_key": key,
+        **provenance(),
     }
 
 
 def write_heads(result: dict[str, Any], path: str | Path) -> Path:
     """Write a `search_perturb_heads` result as JSON (sorted keys) that `iv.wrap(model, "pag", heads=path)` reads."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_result(result, path)
 
 
 def _rank(score: dict[str, float]) -> tuple[float, float]:
     margin = score["margin"]
     return score["accuracy"], -math.inf if math.isnan(margin) else margin  # −inf − −inf margins sort last
-
-
-class _SetLog:
-    """Append-only JSONL of one search: a header with its run key, then one line per evaluated head set."""
-
-    def __init__(self, path: Path | None, run_key: str, setup: dict[str, Any]) -> None:
-        self.path = path
-        self.sets: dict[tuple[Head, ...], dict[str, float]] = {}
-        lines = []
-        if path is not None and path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines and lines[0].get("run_key") != run_key:
-            raise ConfigError(f"perturb-heads: {path} holds another search (run {lines[0].get('run_key')}, this one "
-                              f"is {run_key}: model, task, examples or search settings differ); give a new results "
-                              "path or delete it")
-        for line in lines[1:]:
-            self.sets[tuple(tuple(p) for p in line["heads"])] = {"accuracy": line["accuracy"],
-                                                                  "margin": line["margin"]}
-        if path is not None and not lines:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"kind": "header", "run_key": run_key, **setup})
-
-    def write(self, key: tuple[Head, ...], score: dict[str, float]) -> None:
-        self.sets[key] = score
-        if self.path is not None:
-            self._append({"kind": "set", "heads": [list(p) for p in key], **score})
-
-    def _append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 # ---- command line: `interventions calibrate perturb-heads` -----------------------------------------------------
