@@ -9,42 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from capture import capture
 from tiny_models import Prompt, build_model, make_inputs
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import interventions as iv
 from interventions.core.roles import TokenRoles
 from interventions.core.rows import RowLogits
 from interventions.methods.act import Act, ActConfig
 from interventions.methods.base import AttentionCall, ModelInfo
-
-_CAPTURED: dict[int, dict] = {}
-
-
-def _capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _CAPTURED[module.layer_idx] = dict(q=query, k=repeat_kv(key, module.num_key_value_groups),
-                                       v=repeat_kv(value, module.num_key_value_groups), scaling=scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-AttentionInterface.register("test_capture", _capture)
-AttentionMaskInterface.register("test_capture", sdpa_mask)
-
-
-def _capture_inputs(model, inputs) -> dict[int, dict]:
-    config = model.get_decoder().config
-    previous = config._attn_implementation_internal
-    config._attn_implementation_internal = "test_capture"
-    try:
-        _CAPTURED.clear()
-        with torch.no_grad():
-            model(**inputs)
-        return dict(_CAPTURED)
-    finally:
-        config._attn_implementation_internal = previous
 
 
 def _allowed(valid: torch.Tensor) -> torch.Tensor:
@@ -99,7 +71,7 @@ def llava64():
 def test_pai_rows_equal_spec_formula_fp64(llava64, alpha):
     model, inputs = llava64
     layer = 1
-    captured = _capture_inputs(model, inputs)[layer]
+    captured = capture(model, inputs)[layer]
     valid = inputs["attention_mask"].bool()
     image = inputs["input_ids"] == model.config.image_token_id
     expected = pai_reference(captured["q"], captured["k"], captured["scaling"], valid, image, alpha)
@@ -116,7 +88,7 @@ def test_pai_rows_equal_spec_formula_fp64(llava64, alpha):
 def test_act_rows_equal_spec_formula_fp64(llava64, beta, heads):
     model, inputs = llava64
     layer, threshold = 1, 0.08
-    captured = _capture_inputs(model, inputs)[layer]
+    captured = capture(model, inputs)[layer]
     valid = inputs["attention_mask"].bool()
     expected = act_reference(captured["q"], captured["k"], captured["scaling"], valid, beta, threshold, heads)
     with torch.no_grad(), iv.apply(model, "act", beta=beta, threshold=threshold,

@@ -9,26 +9,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from capture import capture
 from tiny_models import LLM_FAMILIES, Prompt, build_model, make_inputs
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import interventions as iv
 from interventions.errors import ConfigError, InputError
 from interventions.methods.paint import select_tokens
-
-_CAPTURED: dict[int, dict] = {}
-
-
-def _capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _CAPTURED[module.layer_idx] = dict(q=query, k=repeat_kv(key, module.num_key_value_groups), scaling=scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-AttentionInterface.register("test_paint_capture", _capture)
-AttentionMaskInterface.register("test_paint_capture", sdpa_mask)
 
 
 def _model(family: str, dtype=torch.float32):
@@ -119,19 +105,6 @@ def _reference_selection(model, inputs, local_ratio=0.25):
     return expected, source
 
 
-def _capture_layer(model, inputs, layer):
-    config = model.get_decoder().config
-    previous = config._attn_implementation_internal
-    config._attn_implementation_internal = "test_paint_capture"
-    try:
-        _CAPTURED.clear()
-        with torch.no_grad():
-            model(**inputs)
-        return _CAPTURED[layer]
-    finally:
-        config._attn_implementation_internal = previous
-
-
 def _softmax(z, valid):
     length = valid.shape[1]
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
@@ -147,7 +120,7 @@ def test_selection_and_edited_rows_equal_the_direct_implementation_fp64(family, 
     if family == "llava_next":
         assert (source == -1).any() and source.max() >= 16  # newline features and grid crops are covered
     layer = 1
-    captured = _capture_layer(model, inputs, layer)
+    captured = capture(model, inputs)[layer]
     valid = inputs["attention_mask"].bool()
     z = captured["q"] @ captured["k"].transpose(-1, -2) * captured["scaling"]
     plain = _softmax(z.clone(), valid)

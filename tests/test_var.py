@@ -13,10 +13,15 @@ import math
 
 import pytest
 import torch
-from tiny_models import FIRST_TEXT_ID, LLM_FAMILIES, VLM_FAMILIES, Prompt, build_model, make_inputs
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from capture import capture
+from tiny_models import (
+    FIRST_TEXT_ID,
+    LLM_FAMILIES,
+    VLM_FAMILIES,
+    Prompt,
+    build_model,
+    make_inputs,
+)
 
 import interventions as iv
 from interventions.core import attention
@@ -29,40 +34,6 @@ from interventions.methods.var import Var, VarConfig, sink_scores
 DIMS = list(range(16))
 LAYER = 1  # the conformance layer: the first edited one, so its inputs do not depend on VAR's own edits
 LAYERS = [LAYER, 2]
-
-# ---- capture of the exact q, k, mask and layer-input hidden states of an unwrapped forward -----------------------
-_CAPTURED: dict[int, dict] = {}
-
-
-def _capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    _CAPTURED.setdefault(module.layer_idx, {}).update(
-        q=query, k=repeat_kv(key, module.num_key_value_groups), mask=attention_mask, scaling=scaling)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-AttentionInterface.register("test_capture_var", _capture)
-AttentionMaskInterface.register("test_capture_var", sdpa_mask)
-
-
-@torch.no_grad()
-def capture(model, inputs) -> dict[int, dict]:
-    """`{layer: {q, k, mask, scaling, hidden}}` of a plain SDPA forward (hidden = the decoder layer's input)."""
-    config = model.get_decoder().config
-    previous = config._attn_implementation_internal
-    layers = model.get_decoder().layers
-    hooks = [layer.register_forward_pre_hook(
-        lambda m, a, kw, i=i: _CAPTURED.setdefault(i, {}).update(hidden=a[0] if a else kw["hidden_states"]),
-        with_kwargs=True) for i, layer in enumerate(layers)]
-    config._attn_implementation_internal = "test_capture_var"
-    try:
-        _CAPTURED.clear()
-        model(**inputs)
-        return dict(_CAPTURED)
-    finally:
-        config._attn_implementation_internal = previous
-        for hook in hooks:
-            hook.remove()
 
 
 def plain_probs(captured: dict) -> torch.Tensor:
@@ -141,7 +112,7 @@ def _tau(family: str) -> float:
     """A tau flagging an eighth to three eighths of the valid tokens at `LAYER` (in a wide gap of the scores)."""
     model = _model(family)
     inputs = _inputs(model, family, _prompts())
-    phi = sink_scores(capture(model, inputs)[LAYER]["hidden"], DIMS)[inputs["attention_mask"].bool()]
+    phi = sink_scores(capture(model, inputs, hidden=True)[LAYER]["hidden"], DIMS)[inputs["attention_mask"].bool()]
     return _split(phi.sort(descending=True).values[: len(phi) // 2])
 
 
@@ -150,7 +121,7 @@ def _rho(family: str, official: bool) -> float:
     """A rho splitting the candidate (head, row) pairs at `LAYER` into image-centric ones and others."""
     model = _model(family, torch.float64)
     inputs = _inputs(model, family, _prompts())
-    captured = capture(model, inputs)[LAYER]
+    captured = capture(model, inputs, hidden=True)[LAYER]
     a = plain_probs(captured)
     valid = inputs["attention_mask"].bool()
     image = inputs["input_ids"] == model.config.image_token_id
@@ -299,7 +270,7 @@ def test_prefill_rows_equal_spec_formula_fp64(family, p, compat):
     rho = _rho(family, compat == "official")
     model = _model(family, torch.float64)
     inputs = _inputs(model, family, _prompts())
-    captured = capture(model, inputs)[LAYER]
+    captured = capture(model, inputs, hidden=True)[LAYER]
     a = plain_probs(captured)
     with torch.no_grad(), iv.apply(model, "var", **_params(family, p=p, rho=rho, compat=compat)):
         got = model(**inputs, output_attentions=True).attentions[LAYER]
@@ -324,7 +295,7 @@ def test_decode_rows_equal_spec_formula_fp64_cached_and_recomputed(family):
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in inputs:
             sequence[key] = torch.nn.functional.pad(inputs[key], (0, 2))
-    captured = capture(model, sequence)[LAYER]
+    captured = capture(model, sequence, hidden=True)[LAYER]
     valid = sequence["attention_mask"].bool()
     expected, _ = _check_rows(full.attentions[-1][LAYER], plain_probs(captured), captured["hidden"], sequence, family,
                            valid, p=0.6, rho=0.5)
