@@ -1,33 +1,50 @@
 """PAINT (shared/specs/head_perturbation.md §5, conformance 9): the dual-stream selection on a hand-built CLS row and,
 in float64 end to end through tiny LLaVA / LLaVA-NeXT, against a direct implementation (eager vision attentions,
 numpy quartiles, positions found by matching the image features the model inserts); the edited last rows against
-the spec formula; neutral / unwrap / KV cache / left padding; errors for families without a CLS token."""
+the spec formula; the received-attention selection of CLS-less towers (Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM,
+Gemma3) against eager attention weights and literal merge geometry; neutral / unwrap / KV cache / left padding on
+every VLM family; errors."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 import torch
 import transformers
 from capture import capture
-from tiny_models import LLM_FAMILIES, Prompt, build_model, make_inputs
+from tiny_models import LLM_FAMILIES, VLM_FAMILIES, Prompt, build_model, make_inputs
 
 import interventions as iv
 from interventions.errors import ConfigError, InputError
 from interventions.methods.paint import select_tokens
 
 
+CLS_FAMILIES = ["llava", "llava_next"]
+RECEIVED_FAMILIES = [f for f in VLM_FAMILIES if f not in CLS_FAMILIES]
+
+
+def _vision_attentions(model) -> list[torch.nn.Module]:
+    return [m for name, m in model.named_modules()
+            if ("vision" in name or "visual" in name) and name.endswith(("self_attn", ".attn"))]
+
+
 def _model(family: str, dtype=torch.float32):
-    """The tiny model of `family` with a 3-layer vision tower (its first and penultimate layers differ) whose
-    attention is sharpened (queries × 6), so that the 16-patch crops of the tiny images have IQR outliers."""
+    """The tiny model of `family` whose vision attention is sharpened (queries × 6), so that the few patches of the
+    tiny images have IQR outliers; CLIP towers get 3 layers (their first and penultimate layers differ)."""
     base = build_model(family)
     config = base.config
-    config.vision_config.num_hidden_layers = 3
+    if family in CLS_FAMILIES:
+        config.vision_config.num_hidden_layers = 3
     torch.manual_seed(0)
     model = type(base)._from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     with torch.no_grad():
-        for layer in model.model.vision_tower.encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(6.0)
+        for attention in _vision_attentions(model):
+            if hasattr(attention, "q_proj"):
+                attention.q_proj.weight.mul_(6.0)
+            else:  # Qwen's fused qkv: the query third
+                attention.qkv.weight[: attention.qkv.out_features // 3].mul_(6.0)
     return model
 
 
@@ -105,6 +122,79 @@ def _reference_selection(model, inputs, local_ratio=0.25):
     return expected, source
 
 
+_RECORDED: list[tuple[torch.nn.Module, torch.Tensor]] = []
+
+
+def _eager_recording(module, query, key, value, attention_mask, **kwargs):
+    """The vision module's own eager attention, keeping its probabilities."""
+    out, weights = sys.modules[type(module).__module__].eager_attention_forward(
+        module, query, key, value, attention_mask, **kwargs)
+    _RECORDED.append((module, weights))
+    return out, weights
+
+
+transformers.AttentionInterface.register("test_paint_eager", _eager_recording)
+
+
+def _received_reference(model, family, inputs, local_ratio=0.25):
+    """Direct implementation for CLS-less towers: eager probabilities of the first and last vision attention
+    modules, summed over heads and averaged over query rows; patches summed onto LLM tokens by the literal merge
+    geometry (Qwen: 4 consecutive patches, Qwen2.5-VL then un-permuted by matching the merger's outputs;
+    Idefics3: s × s blocks; Gemma3: k × k blocks); numpy quartiles and top-k per image or crop."""
+    vision_inputs = {k: v for k, v in inputs.items() if k in ("pixel_values", "pixel_attention_mask",
+                                                              "image_grid_thw")}
+    config = model.config.vision_config
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = "test_paint_eager"
+    _RECORDED.clear()
+    try:
+        with torch.no_grad():
+            out = model.model.get_image_features(**vision_inputs)
+    finally:
+        config._attn_implementation_internal = previous
+    attentions = _vision_attentions(model)
+    per_layer = []
+    for module in (attentions[0], attentions[-1]):
+        calls = [w.sum(1).mean(1) for m, w in _RECORDED if m is module]  # (n, keys) per call
+        per_layer.append(torch.cat([c.flatten() for c in calls]) if family.startswith("qwen") else torch.cat(calls))
+    units = []
+    for scores in per_layer:
+        if family.startswith("qwen"):
+            tokens = scores.view(-1, 4).sum(-1)
+            if family == "qwen2_5_vl":  # the tower holds merge units in window order: match the merger's outputs
+                visual = model.model.visual
+                with torch.no_grad():
+                    result = visual(vision_inputs["pixel_values"], grid_thw=vision_inputs["image_grid_thw"])
+                    windowed = visual.merger(result.last_hidden_state)
+                order = torch.cdist(result.pooler_output, windowed).argmin(1)
+                assert sorted(order.tolist()) == list(range(len(order)))
+                tokens = tokens[order]
+            counts = (vision_inputs["image_grid_thw"].prod(-1) // 4).tolist()
+            units.append(list(tokens.split(counts)))
+        else:
+            side = int(scores.shape[1] ** 0.5)
+            block = (model.model.connector.scale_factor if family in ("idefics3", "smolvlm")
+                     else side // int(model.config.mm_tokens_per_image ** 0.5))
+            grid = scores.view(-1, side // block, block, side // block, block)
+            units.append(list(grid.sum((2, 4)).flatten(1)))
+    local_flags, summary_flags = [], []
+    for local_scores, summary_scores in zip(*units, strict=True):
+        row = summary_scores.numpy()
+        q1, q3 = np.percentile(row, 25), np.percentile(row, 75)
+        summary = row > q3 + 1.5 * (q3 - q1)
+        local = np.zeros_like(summary)
+        local[np.argsort(-local_scores.numpy(), kind="stable")[: int(len(row) * local_ratio)]] = True
+        local_flags.append(local & ~summary)
+        summary_flags.append(summary)
+    image = inputs["input_ids"] == model.config.image_token_id
+    expected = []
+    for flags in (local_flags, summary_flags):
+        mask = torch.zeros_like(image)
+        mask[image.nonzero(as_tuple=True)] = torch.tensor(np.concatenate(flags))
+        expected.append(mask)
+    return expected
+
+
 def _softmax(z, valid):
     length = valid.shape[1]
     allowed = torch.ones(length, length, dtype=torch.bool).tril()[None] & valid[:, None, :]
@@ -138,25 +228,52 @@ def test_selection_and_edited_rows_equal_the_direct_implementation_fp64(family, 
     assert not torch.allclose(got[layer][:, :, -1], plain[:, :, -1], atol=1e-3)
 
 
+@pytest.mark.parametrize("family", RECEIVED_FAMILIES)
+def test_received_attention_selection_equals_the_direct_implementation_fp64(family):
+    model = _model(family, torch.float64)
+    inputs = _inputs(model, family, PROMPTS)
+    local, summary = _received_reference(model, family, inputs)
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert local.any() and not (local & summary).any() and not ((local | summary) & ~image).any()
+    with torch.no_grad(), iv.apply(model, "paint", alpha=0.7, beta=0.4, start_layer=1) as handle:
+        edited = model(**inputs).logits
+        selected = handle.methods[0].selection()
+    assert torch.equal(selected[0], local) and torch.equal(selected[1], summary)
+    with torch.no_grad():
+        assert not torch.allclose(edited[:, -1], model(**inputs).logits[:, -1], atol=1e-6)
+
+
+def test_received_attention_selection_finds_summary_tokens():
+    """The IQR rule is not vacuous on the sharpened tiny towers: some family has summary tokens."""
+    found = {}
+    for family in RECEIVED_FAMILIES:
+        model = _model(family, torch.float64)
+        found[family] = int(_received_reference(model, family, _inputs(model, family, PROMPTS))[1].sum())
+    assert sum(found.values()) > 0, found
+
+
 # ---- shared properties -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_neutral_and_unwrap_are_bit_identical(family):
     model = _model(family)
     inputs = _inputs(model, family, PROMPTS)
-    layers = model.model.vision_tower.encoder.layers
+    layers = _vision_attentions(model)
     with torch.no_grad():
         reference = model(**inputs).logits
         with iv.apply(model, "paint", alpha=0.0, beta=0.0, start_layer=1):
             assert torch.equal(model(**inputs).logits, reference)
-            assert not any(layer.self_attn._forward_pre_hooks for layer in layers)  # nothing installed
+            assert not any(layer._forward_pre_hooks for layer in layers)  # nothing installed
         for params in ({"alpha": 0.0, "beta": 0.5}, {"alpha": 0.5, "beta": 0.0}):  # either boost alone edits
-            with iv.apply(model, "paint", start_layer=1, **params):
-                assert not torch.allclose(model(**inputs).logits, reference, atol=1e-4)
+            with iv.apply(model, "paint", start_layer=1, **params) as handle:
+                edited = model(**inputs).logits
+                if params["alpha"] == 0 and not handle.methods[0].selection()[1].any():
+                    continue  # no summary token in these tiny images: beta has nothing to boost
+                assert not torch.allclose(edited, reference, atol=1e-4)
         assert torch.equal(model(**inputs).logits, reference)
-    assert not any(layer.self_attn._forward_pre_hooks for layer in layers)
+    assert not any(layer._forward_pre_hooks for layer in layers)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_kv_cache_decode_equals_full_recompute(family):
     model = _model(family)
     inputs = _inputs(model, family, PROMPTS)
@@ -169,7 +286,7 @@ def test_kv_cache_decode_equals_full_recompute(family):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_left_padded_batch_equals_single_runs(family):
     model = _model(family)
     kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
@@ -187,12 +304,6 @@ def test_left_padded_batch_equals_single_runs(family):
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "idefics3"])
-def test_families_without_a_cls_selection_raise(family):
-    with pytest.raises(ConfigError, match="paint: .*CLS token.*llava, llava_next"):
-        iv.wrap(build_model(family), "paint")
-
-
 def test_llm_raises():
     with pytest.raises(ConfigError, match="paint needs image tokens.*text-only"):
         iv.wrap(build_model(LLM_FAMILIES[0]), "paint")

@@ -1,7 +1,7 @@
 """PAINT, Paying Attention to INformed Tokens (Arif et al., arXiv 2501.12206), to shared/specs/head_perturbation.md §5.
 
-Dual-stream selection, once per image, from the vision tower's CLS query row (CLIP; attention summed over heads,
-CLS → patch columns):
+Dual-stream selection, once per image, from the vision tower's CLS query row (CLIP: llava, llava_next; attention
+summed over heads, CLS → patch columns):
 - summary tokens Σ: patches whose score in the penultimate ViT layer exceeds `Q3 + 1.5·IQR` (quartiles of the
   image's patch scores, linear interpolation): the high-norm, register-like patches;
 - local tokens L: the top `local_ratio` (25 %) patches by first-ViT-layer score, minus Σ.
@@ -14,6 +14,9 @@ against all keys), so the vision tower keeps its own (SDPA) kernel. LLaVA-NeXT r
 ViT pass has its own CLS) and maps the selected patches to LLM positions through the model's own packing
 (unpadding; newline features are never selected). The text-only contrastive branch (`use_cfg`, `gamma`) and the
 "spatial" tokens of later versions are not implemented.
+
+Towers without a CLS token (qwen2_vl, qwen2_5_vl, idefics3 / smolvlm, gemma3) score each LLM image token by the
+attention its patches receive instead, a project extension described in `paint_towers.py`.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError, InputError
 from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest
+from .paint_towers import Tower, tower_for
 from .params import MethodConfig, number, optional, param
 
 #: families whose vision tower has a CLS token (CLIP), where the spec's selection is defined
-FAMILIES = ("llava", "llava_next")
+CLS_FAMILIES = ("llava", "llava_next")
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,7 @@ class Paint(Method):
         cfg: PaintConfig = self.config
         if not model.has_images:
             raise ConfigError(f"paint needs image tokens, and the {model.family} family has none (text-only model)")
-        if model.family not in FAMILIES:
-            raise ConfigError(
-                f"paint: its token selection reads the CLS token of a CLIP vision tower, defined for the families "
-                f"{', '.join(FAMILIES)}; the {model.family} vision tower has no CLS token"
-            )
+        self._tower: Tower | None = None if model.family in CLS_FAMILIES else tower_for(model.family)
         end = model.num_layers if cfg.end_layer is None else cfg.end_layer
         if not cfg.start_layer < end <= model.num_layers:
             raise ConfigError(
@@ -94,6 +94,9 @@ class Paint(Method):
         self._masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def install_hooks(self, model: Any) -> list[Callable[[], None]]:
+        self._model = model
+        if self._tower is not None:
+            return self._install_received(model)
         vision = model.config.vision_config
         if vision.model_type != "clip_vision_model":
             raise ConfigError(
@@ -104,7 +107,6 @@ class Paint(Method):
         layers = getattr(tower, "vision_model", tower).encoder.layers
         streams = {0: ["local"]}  # the first ViT layer; the penultimate one is LLaVA's feature layer
         streams.setdefault(len(layers) - 2, []).append("summary")
-        self._model = model
         handles = [tower.register_forward_pre_hook(self._pass_starts),
                    tower.register_forward_hook(self._pass_ends)]
         handles += [layers[i].self_attn.register_forward_pre_hook(functools.partial(self._capture, names),
@@ -112,15 +114,29 @@ class Paint(Method):
                     for i, names in streams.items()]
         return [h.remove for h in handles]
 
+    def _install_received(self, model: Any) -> list[Callable[[], None]]:
+        """Hooks for a CLS-less tower: received-attention scores of its first and last attention modules."""
+        tower, attentions = self._tower.find(model)
+        handles = [tower.register_forward_pre_hook(self._pass_starts, with_kwargs=True),
+                   tower.register_forward_hook(self._pass_ends)]
+        streams = {0: ["local"]}
+        streams.setdefault(len(attentions) - 1, []).append("summary")  # these towers' features: the last layer
+        handles += [attentions[i].register_forward_pre_hook(functools.partial(self._capture, names),
+                                                            with_kwargs=True)
+                    for i, names in streams.items()]
+        return [h.remove for h in handles]
+
     # A vision pass may run inside the forward (pixel_values) or before it: `generate` encodes the images first and
     # hands the tower's output object to every prefill as `mm_encoder_outputs`. Each pass is kept with that object.
-    def _pass_starts(self, module: torch.nn.Module, args: tuple) -> None:
-        self._pass = _Pass(self._sizes)
+    def _pass_starts(self, module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        grid = (kwargs or {}).get("grid_thw", args[1] if len(args) > 1 else None)
+        self._pass = _Pass(self._sizes, {"grid_thw": grid})
         self._sizes = None
 
     def _capture(self, names: list[str], module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         with torch.no_grad():
-            scores = cls_scores(module, args[0] if args else kwargs["hidden_states"])
+            scores = (cls_scores(module, args[0] if args else kwargs["hidden_states"]) if self._tower is None
+                      else self._tower.scores(module, args, kwargs))
         for name in names:
             getattr(self._pass, name).append(scores)
 
@@ -169,6 +185,8 @@ class Paint(Method):
         if not seen:
             raise InputError("paint: this prompt's images were not encoded by a vision-tower pass this wrapper saw; "
                              "pass pixel_values to the wrapped model (or to its generate)")
+        if self._tower is not None:
+            return self._select_received(roles, vision)
         local, summary = select_tokens(torch.cat(vision.local), torch.cat(vision.summary), self.config.local_ratio)
         device = roles.image.device
         source = torch.cat(self._layout(*local.shape, vision.image_sizes)).to(device)  # flat (crop, patch) index
@@ -182,6 +200,25 @@ class Paint(Method):
             picked = flags.flatten().to(device)[source.clamp_min(0)] & (source >= 0)
             mask = torch.zeros_like(image)
             mask[where] = picked
+            masks.append(mask)
+        return masks[0], masks[1]
+
+    def _select_received(self, roles: TokenRoles, vision: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rule per selection unit on token scores, in the order the model fills the image positions."""
+        model, tower = self._model, self._tower
+        units = zip(tower.units(model, torch.cat(vision.local), vision.inputs),
+                    tower.units(model, torch.cat(vision.summary), vision.inputs), strict=True)
+        flags = [select_tokens(local[None], summary[None], self.config.local_ratio) for local, summary in units]
+        image = roles.image[:, : roles.prompt_len]
+        where = image.nonzero(as_tuple=True)
+        count = sum(local.numel() for local, _ in flags)
+        if count != where[0].numel():
+            raise InputError(f"paint: the prompt has {where[0].numel()} image tokens, the vision tower produced "
+                             f"{count} image features")
+        masks = []
+        for stream in range(2):
+            mask = torch.zeros_like(image)
+            mask[where] = torch.cat([pair[stream].flatten() for pair in flags]).to(image.device)
             masks.append(mask)
         return masks[0], masks[1]
 
@@ -212,9 +249,11 @@ class Paint(Method):
 
 @dataclass
 class _Pass:
-    """One call of the vision tower: CLS → patch scores of its crops, the image sizes it was given, its output."""
+    """One call of the vision tower: the scores of its crops, the image sizes and tower inputs it was given, its
+    output."""
 
     image_sizes: Any
+    inputs: dict = field(default_factory=dict)
     local: list[torch.Tensor] = field(default_factory=list)
     summary: list[torch.Tensor] = field(default_factory=list)
     output: Callable[[], Any] = lambda: None
