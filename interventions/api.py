@@ -101,7 +101,7 @@ class Handle:
         return f"Handle({type(self.model).__name__}, [{stack}])"
 
 
-def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
+def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None, **params: Any) -> Handle:
     """Apply one method, or a stack of methods, to an already-loaded transformers model, in place.
 
     Everything is validated first; on any error the model is left untouched.
@@ -111,6 +111,9 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
             attention in its text decoder.
         name_or_stack (`str`, `list[tuple[str, dict]]` or `dict`): a method name (parameters as keyword
             arguments), a list of `(name, params)` applied in list order, or a `Handle.config` dict.
+        processor (`transformers.ProcessorMixin`, *optional*): the model's processor, for methods that build
+            their own inputs (`carve`); a stack entry may also carry its own under the key `"processor"`. It is
+            not part of `Handle.config`: pass it again when re-wrapping from a config.
         **params: parameters of the single named method.
 
     Returns:
@@ -126,7 +129,13 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
         >>> h.unwrap()
     """
     stack = _parse_stack(name_or_stack, params)
+    processors = [p.pop("processor", processor) if _methods.METHODS.get(name).needs_processor else processor
+                  for name, p in stack]
     configs = [_methods.METHODS.get(name).config_class.from_params(p) for name, p in stack]
+    for config, given in zip(configs, processors, strict=True):
+        if _methods.METHODS.get(config.NAME).needs_processor and given is None:
+            raise ConfigError(f"{config.NAME}: processor is required: iv.wrap(model, {config.NAME!r}, "
+                              "processor=processor) with the model's transformers processor")
     adapter = _families.resolve(model)
     if model in _HANDLES:
         raise AlreadyWrappedError(
@@ -154,15 +163,26 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Handle:
     if len(loops) > 1:
         raise ConfigError(f"{', '.join(loops)} each run their own decoding loop; stack at most one of them")
     bound: list[Method] = []
-    for config in configs:
+    for config, given in zip(configs, processors, strict=True):
         method = _methods.METHODS.get(config.NAME)(config)
+        if method.needs_processor:
+            method.use_processor(given)
         method.bind(info)
         bound.append(method)
+    _check_rollbacks(bound)
     session = Session(model, adapter, bound, base)
     session.attach()
     handle = Handle(model, session)
     _HANDLES[model] = handle
     return handle
+
+
+def _check_rollbacks(methods: list[Method]) -> None:
+    rolling = [m.name for m in methods if m.rolls_back_cache and m.touched_layers]
+    mirroring = [m.name for m in methods if any(b.schedule == "every_forward" for b in m.branches)]
+    if rolling and mirroring:
+        raise ConfigError(f"{', '.join(rolling)} rolls the KV cache back, which the own cache of "
+                          f"{', '.join(mirroring)} cannot follow; use them in separate runs")
 
 
 def unwrap(model: torch.nn.Module) -> None:
@@ -173,14 +193,14 @@ def unwrap(model: torch.nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def apply(model: torch.nn.Module, name_or_stack: Stack, **params: Any) -> Iterator[Handle]:
+def apply(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None, **params: Any) -> Iterator[Handle]:
     """`wrap` for the duration of a `with` block; unwraps on exit, also on an exception.
 
     Example:
         >>> with iv.apply(model, "pai", alpha=0.2):
         ...     out = model.generate(**inputs)
     """
-    handle = wrap(model, name_or_stack, **params)
+    handle = wrap(model, name_or_stack, processor=processor, **params)
     try:
         yield handle
     finally:

@@ -105,7 +105,7 @@ def test_act_rows_equal_spec_formula_fp64(llava64, beta, heads):
 
 # ---- ACT on hand-built maps, through the method's own hooks -----------------------------------------------------
 def _run_act_on_logits(logits: torch.Tensor, beta: float, threshold: float = 0.1, valid=None):
-    """Drive `Act.request/edit` on given (batch, heads, L, L) float64 logits; return the edited probabilities."""
+    """Drive `Act.request/observe/edit` on given (batch, heads, L, L) float64 logits; return the edited probabilities."""
     batch, heads, length, _ = logits.shape
     valid = torch.ones(batch, length, dtype=torch.bool) if valid is None else valid
     act = Act(ActConfig(beta=beta, threshold=threshold, layers=[0]))
@@ -115,6 +115,8 @@ def _run_act_on_logits(logits: torch.Tensor, beta: float, threshold: float = 0.1
     call = AttentionCall(0, roles, torch.arange(length))
     request = act.request(call)
     view = RowLogits(logits.clone(), _allowed(valid)[:, None], torch.arange(heads), torch.arange(length))
+    if request.observe:  # as the core does: every row is observed before the first edit
+        act.observe(call, view, request)
     act.edit(call, view, request)
     return view.probs(), act
 

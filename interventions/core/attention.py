@@ -8,6 +8,7 @@ and heads the methods asked for (`RowLogits`) and writes them back.
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from collections.abc import Callable
@@ -40,6 +41,11 @@ class Binding:
 
 
 _BINDINGS: weakref.WeakKeyDictionary[torch.nn.Module, Binding] = weakref.WeakKeyDictionary()
+
+#: most logits `(batch, heads, rows, kv_len)` one block of explicit rows holds, per device type; its temporaries
+#: (probabilities, biases) are a few times this. CPU: 4 MiB per float32 tensor. GPU: 64 MiB, as every block costs
+#: kernel launches and a GPU-sized model's activations dwarf it
+ROW_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 #: counts calls per dispatch path; tests assert on it to prove untouched layers still run the base backend
 DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
@@ -120,45 +126,103 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
                key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                out: torch.Tensor, weights: torch.Tensor | None, want_weights: bool,
                softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Recompute the requested rows and heads explicitly, let the methods bias them, write them back into `out`."""
+    """Recompute the requested rows and heads explicitly, let the methods bias them, write them back into `out`.
+
+    When every request is `blockwise`, rows go in blocks of at most `ROW_BLOCK_ELEMENTS` logits (at least one row),
+    so a method that asks for every row (ACT at prefill) holds one block, not `(heads, L, L)`. Requests with
+    `observe` see every block first (`Method.observe`); with more than one block the logits are then computed a
+    second time for the edits.
+    """
     batch, num_heads, q_len, _ = query.shape
     groups = num_heads // key.shape[1]
     rows_local, heads = _rows_and_heads(requests, q_len, num_heads, query.device, everything=want_weights)
     allowed, additive = allowed_keys(attention_mask, batch, q_len, key.shape[2], query.device)
-    view = RowLogits(
-        logits=row_logits(query, key, heads, rows_local, groups, scaling, additive, softcap),
-        allowed=allowed[:, :, rows_local],
-        heads=heads,
-        rows=call.query_positions[rows_local],
-    )
-    for method, request in requests:
-        method.edit(call, view, request)
-    probs = view.probs()
-    if want_weights:
-        weights = probs.to(query.dtype)
     editing = [(m, r) for m, r in requests if not r.read_only]
-    if not editing:
-        return out, weights
-
+    observing = [(m, r) for m, r in requests if r.observe]
     # write back only what an editing request covers; read-only rows and heads keep the base output bit for bit
-    write_rows, write_heads = _rows_and_heads(editing, q_len, num_heads, query.device, everything=False)
-    row_pick = torch.isin(rows_local, write_rows)
-    head_pick = torch.isin(heads, write_heads)
-    probs = probs[:, head_pick][:, :, row_pick]
-    edited = row_output(probs, value, write_heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
-    has_key = view.allowed[:, :, row_pick].any(-1).transpose(1, 2)[..., None]  # fully masked rows keep base
-    block = out[:, write_rows]
-    block[:, :, write_heads] = torch.where(has_key, edited.to(out.dtype), block[:, :, write_heads])
-    out = out.clone()  # the base output may be saved for backward
-    out[:, write_rows] = block
+    write_rows, write_heads = rows_local, heads
+    subset = want_weights or len(editing) < len(requests)
+    if editing and subset:
+        write_rows, write_heads = _rows_and_heads(editing, q_len, num_heads, query.device, everything=False)
+        head_pick = torch.isin(heads, write_heads)
+
+    def view_of(block: torch.Tensor) -> RowLogits:
+        return RowLogits(logits=row_logits(query, key, heads, block, groups, scaling, additive, softcap),
+                         allowed=allowed[:, :, block], heads=heads, rows=call.query_positions[block])
+
+    per_row = batch * len(heads) * key.shape[2]
+    budget = ROW_BLOCK_ELEMENTS.get(query.device.type, ROW_BLOCK_ELEMENTS["cpu"])
+    blockwise = all(r.blockwise for _, r in requests) and per_row * len(rows_local) > budget
+    blocks = rows_local.split(max(1, budget // per_row)) if blockwise else (rows_local,)
+    views = [view_of(block) for block in blocks] if len(blocks) == 1 else None
+    if observing:
+        for i, block in enumerate(blocks):
+            view = views[i] if views is not None else view_of(block)
+            for method, request in observing:
+                method.observe(call, view, request)
+    if editing and torch.is_grad_enabled():
+        out = out.clone()  # the base output may be saved for backward; otherwise it is ours to overwrite
+    all_probs = []
+    tracked = [(m, r) for m, r in requests if r.grad] if torch.is_grad_enabled() else []
+    tracked_views = []
+    for i, block in enumerate(blocks):
+        view = views[i] if views is not None else view_of(block)
+        for method, request in requests:
+            method.edit(call, view, request)
+        probs, block_allowed = view.probs(), view.allowed
+        if want_weights:
+            all_probs.append(probs)
+        if tracked:
+            tracked_views.append((view, block))
+        if not editing:
+            continue
+        rows = block
+        if subset:
+            row_pick = torch.isin(block, write_rows)
+            probs, rows = probs[:, head_pick][:, :, row_pick], block[row_pick]
+            block_allowed = block_allowed[:, :, row_pick]
+        edited = row_output(probs, value, write_heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
+        where = (slice(None), rows) if len(write_heads) == num_heads else (slice(None), rows[:, None], write_heads)
+        if attention_mask is None:  # causal: every row sees a key
+            out[where] = edited.to(out.dtype)
+        else:
+            has_key = block_allowed.any(-1).transpose(1, 2)[..., None]  # fully masked rows keep base
+            out[where] = torch.where(has_key, edited.to(out.dtype), out[where])
+    for view, block in tracked_views:  # after every write-back, which would overwrite the gradient path
+        out = _track_grad(call, tracked, view, block, value, groups, out)
+    if want_weights:
+        weights = torch.cat(all_probs, 2).to(query.dtype)
     return out, weights
+
+
+def _track_grad(call: AttentionCall, tracked: list[tuple[Method, RowRequest]], view: RowLogits, block: torch.Tensor,
+                value: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
+    """Give each `grad` request its rows' final probabilities as an autograd leaf, on which the output then depends
+    through `leaf @ V` added as `x - x.detach()`: exact gradients, and the output's value unchanged bit for bit."""
+    probs = view.probs().detach()
+    for method, request in tracked:
+        row_pick = request.rows[block]
+        if not bool(row_pick.any()):
+            continue
+        wanted = view.heads if request.heads is None else request.heads.to(view.heads.device)
+        head_pick = torch.isin(view.heads, wanted)
+        leaf = probs[:, head_pick][:, :, row_pick].requires_grad_()
+        method.grad_probs(call, leaf, request)
+        rows, heads = block[row_pick], view.heads[head_pick]
+        path = row_output(leaf, value.detach(), heads, groups)  # detached V: only the leaf gains a gradient path
+        delta = torch.zeros_like(out[:, rows])
+        delta[:, :, heads] = (path - path.detach()).transpose(1, 2).to(out.dtype)
+        out = out.index_add(1, rows, delta)
+    return out
 
 
 def _rows_and_heads(requests: list[tuple[Method, RowRequest]], q_len: int, num_heads: int, device: torch.device,
                     everything: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of the requested rows and heads (all of them when `everything`), as index tensors."""
     if everything:
-        return torch.arange(q_len, device=device), torch.arange(num_heads, device=device)
+        return _arange(q_len, device), _arange(num_heads, device)
+    if len(requests) == 1 and requests[0][1].heads is None:  # the common case (a decode step): no union to build
+        return requests[0][1].rows.nonzero().squeeze(1), _arange(num_heads, device)
     rows = torch.zeros(q_len, dtype=torch.bool, device=device)
     heads = torch.zeros(num_heads, dtype=torch.bool, device=device)
     for _, request in requests:
@@ -168,6 +232,11 @@ def _rows_and_heads(requests: list[tuple[Method, RowRequest]], q_len: int, num_h
         else:
             heads[request.heads] = True
     return rows.nonzero().squeeze(1), heads.nonzero().squeeze(1)
+
+
+@functools.lru_cache(maxsize=32)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)  # shared and never written: index tensors reused by every layer
 
 
 AttentionInterface.register(KEYS["sdpa"], intervened_attention)

@@ -20,6 +20,7 @@ class AttentionCall:
         stream (`str`): `"main"`, or the name of the branch (core/branch.py) this forward belongs to.
         value (`torch.Tensor` of shape `(batch, kv_heads, kv_len, head_dim)`, *optional*): the layer's values.
         attention_mask (`torch.Tensor`, *optional*): the mask the model passed to its attention function.
+        first_position (`int`, *optional*): the first query row's absolute position, known on the host.
     """
 
     layer: int
@@ -28,11 +29,14 @@ class AttentionCall:
     stream: str = "main"
     value: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    #: `query_positions[0]` as a Python int, when the core knows it (reading the tensor would wait for a GPU)
+    first_position: int | None = None
 
     @property
     def covers_prompt(self) -> bool:
         """True when this call's rows include the whole prompt (a prefill, or a no-cache recompute)."""
-        return int(self.query_positions[0]) == 0
+        first = self.first_position if self.first_position is not None else int(self.query_positions[0])
+        return first == 0
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,19 @@ class RowRequest:
         rows (`torch.BoolTensor` of shape `(q_len,)`): rows the method edits.
         heads (`torch.LongTensor`, *optional*): query heads it edits; `None` for all.
         read_only (`bool`): the method reads the rows (e.g. a saliency map) without editing them.
+        observe (`bool`): the core shows the method every block of the rows (`Method.observe`) before editing any.
+        blockwise (`bool`): the method reads each row on its own (no statistic across rows inside one `edit`), so
+            many rows may be computed in blocks of bounded memory.
+        grad (`bool`): the method differentiates a later loss with respect to these rows' final probabilities;
+            with grad mode on, the core hands them to `Method.grad_probs` (see there).
     """
 
     rows: torch.Tensor
     heads: torch.Tensor | None = None
     #: the method only reads these rows (adds no bias): their base-backend output is kept bit for bit
     read_only: bool = False
+    #: every block of these rows goes to `Method.observe` before the first `edit` (a row's edit needs all rows)
+    observe: bool = False
+    #: the method's `observe` and `edit` read each row on its own, so the core may hand the rows over in blocks
+    blockwise: bool = False
+    grad: bool = False

@@ -82,6 +82,12 @@ class TokenRoles:
         return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
                           torch.cat([self.template, pad], 1), self.prompt_len, ids)
 
+    def _repeat(self, times: int) -> TokenRoles:
+        """Each sample's roles `times` times in a row (the order of `Cache.batch_repeat_interleave`)."""
+        ids = None if self.ids is None else self.ids.repeat_interleave(times, 0)
+        return TokenRoles(self.valid.repeat_interleave(times, 0), self.image.repeat_interleave(times, 0),
+                          self.template.repeat_interleave(times, 0), self.prompt_len, ids)
+
     def _cut(self, length: int) -> TokenRoles:
         ids = None if self.ids is None else self.ids[:, :length]
         return TokenRoles(self.valid[:, :length], self.image[:, :length], self.template[:, :length],
@@ -114,7 +120,11 @@ class TokenRoles:
             )
         b, device = self.batch_size, self.valid.device
         if input_ids is not None and input_ids.shape[0] != b:
-            raise InputError(f"batch size changed from {b} to {input_ids.shape[0]} during decoding")
+            if input_ids.shape[0] % b:
+                raise InputError(f"batch size changed from {b} to {input_ids.shape[0]} during decoding")
+            # a cache grown by `batch_repeat_interleave` (a shared prefix continued by several rows)
+            return self._repeat(input_ids.shape[0] // b).extend(input_ids, attention_mask, past_len, new_len,
+                                                                image_token_ids)
         kept = self._cut(past_len)
         total = past_len + new_len
         if attention_mask is not None and attention_mask.shape[-1] >= total:
@@ -122,9 +132,13 @@ class TokenRoles:
         else:
             valid = torch.cat([kept.valid, torch.ones(b, new_len, dtype=torch.bool, device=device)], 1)
         image = torch.cat([kept.image, _image(input_ids, image_token_ids, b, new_len, device)], 1) & valid
-        template = torch.cat([kept.template, torch.zeros(b, new_len, dtype=torch.bool, device=device)], 1)
+        # prompt positions fed again after a cache rollback (`Cache.crop`) stay prompt, with their template marks
+        prompt_len = min(self.prompt_len, total)
+        refed = self.template[:, past_len:prompt_len]
+        new_template = torch.zeros(b, new_len - refed.shape[1], dtype=torch.bool, device=device)
+        template = torch.cat([kept.template, refed, new_template], 1)
         ids = None if kept.ids is None or input_ids is None else torch.cat([kept.ids, input_ids.to(device)], 1)
-        return TokenRoles(valid, image, template, kept.prompt_len, ids)
+        return TokenRoles(valid, image, template, prompt_len, ids)
 
 
 def _valid(attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device) -> torch.Tensor:

@@ -6,6 +6,7 @@ and edits are additive pre-softmax biases, which covers post-softmax rescaling e
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -43,10 +44,10 @@ class RowLogits:
 
 def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Softmax over keys with disallowed keys at exactly 0 (rows with no allowed key give 0, not NaN)."""
-    z = logits.masked_fill(~allowed, float("-inf"))
-    top = z.amax(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)
-    e = torch.exp(z - top)
-    return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    # one fused softmax; a row without an allowed key is all -inf there and comes out NaN, set to 0
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+    # in place only without autograd: the softmax's backward needs its output unchanged
+    return probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
 
 
 def allowed_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv_len: int,
@@ -57,9 +58,8 @@ def allowed_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
     a float (eager) mask marks its minimum as disallowed and is also returned as an additive term.
     """
     if attention_mask is None:
-        q = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        allowed = (torch.arange(kv_len, device=device)[None, :] <= q).view(1, 1, q_len, kv_len)
-        return allowed.expand(batch, 1, q_len, kv_len), None
+        causal = (_cached_causal if q_len * kv_len <= _CACHED_CAUSAL else _causal)(q_len, kv_len, device)
+        return causal.expand(batch, 1, q_len, kv_len), None
     mask = attention_mask[..., :kv_len]
     if mask.dtype == torch.bool:
         return mask.expand(batch, 1, q_len, kv_len), None
@@ -67,16 +67,36 @@ def allowed_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
     return allowed.expand(batch, 1, q_len, kv_len), mask
 
 
+#: causal masks up to this many entries (decode steps) are built once per shape and shared by every layer
+_CACHED_CAUSAL = 1 << 16
+
+
+def _causal(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """`(1, 1, q_len, kv_len)` bool: the bottom-right aligned causal mask (never written by its users)."""
+    q = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return (torch.arange(kv_len, device=device)[None, :] <= q).view(1, 1, q_len, kv_len)
+
+
+_cached_causal = functools.lru_cache(maxsize=8)(_causal)
+
+
 def row_logits(query: torch.Tensor, key: torch.Tensor, heads: torch.Tensor, rows_local: torch.Tensor,
                kv_groups: int, scaling: float, additive: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
     """Scaled logits `(batch, len(heads), len(rows), kv_len)` for chosen query heads and rows, in float32 or wider.
 
-    Key heads are shared by `kv_groups` query heads (GQA); they are gathered, never expanded for all heads.
+    `heads` are distinct and ascending. Key heads are shared by `kv_groups` query heads (GQA): with every query head,
+    the query rows of a group are stacked against their one key head (no copy of the keys); a subset of heads
+    gathers only the key heads it uses.
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query[:, heads][:, :, rows_local].to(dtype)
-    k = key[:, torch.div(heads, kv_groups, rounding_mode="floor")].to(dtype)
-    z = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    # the scale goes on the (rows, head_dim) queries, not on the (rows, kv_len) logits
+    if _all_heads(heads, query.shape[1]):
+        q = _grouped(query[:, :, rows_local].to(dtype) * scaling, key.shape[1])
+        z = torch.matmul(q, key.to(dtype).transpose(-1, -2)).view(*query.shape[:2], len(rows_local), -1)
+    else:
+        q = query[:, heads][:, :, rows_local].to(dtype) * scaling
+        k = key[:, torch.div(heads, kv_groups, rounding_mode="floor")].to(dtype)
+        z = torch.matmul(q, k.transpose(-1, -2))
     if softcap is not None:
         z = torch.tanh(z / softcap) * softcap
     if additive is not None:
@@ -86,5 +106,18 @@ def row_logits(query: torch.Tensor, key: torch.Tensor, heads: torch.Tensor, rows
 
 def row_output(probs: torch.Tensor, value: torch.Tensor, heads: torch.Tensor, kv_groups: int) -> torch.Tensor:
     """`probs @ V` for the chosen heads, `(batch, heads, rows, head_dim)` in the probabilities' dtype."""
+    if _all_heads(heads, value.shape[1] * kv_groups):
+        out = torch.matmul(_grouped(probs, value.shape[1]), value.to(probs.dtype))
+        return out.view(*probs.shape[:3], -1)
     v = value[:, torch.div(heads, kv_groups, rounding_mode="floor")].to(probs.dtype)
     return torch.matmul(probs, v)
+
+
+def _all_heads(heads: torch.Tensor, num_heads: int) -> bool:
+    return heads.numel() == num_heads  # distinct indices below num_heads: all of them, in order
+
+
+def _grouped(per_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`(batch, heads, rows, n)` → `(batch, kv_heads, groups·rows, n)`: query head h = kv·groups + g."""
+    batch, heads, rows, n = per_head.shape
+    return per_head.reshape(batch, kv_heads, heads // kv_heads * rows, n)

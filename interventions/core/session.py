@@ -35,6 +35,7 @@ class Session:
         #: chat template `(prefix ids, suffix ids)`, set by `Handle.set_template`
         self.template: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._prompt_len: int | None = None  # set while `generate` runs
+        self._generate_depth = 0  # nesting of `generate` calls (a decoding loop may call generate itself)
         self._by_layer: dict[int, list[Method]] = {}
         for method in methods:
             for layer in method.touched_layers:
@@ -103,7 +104,7 @@ class Session:
             prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
             if prompt is None and kwargs.get("inputs_embeds") is not None:
                 prompt = kwargs["inputs_embeds"][..., 0]
-            if loops:
+            if loops and not self._generate_depth:  # a loop's own nested `model.generate` calls run the standard one
                 if kwargs.get("custom_generate") is not None:
                     raise InputError(f"{loops[0].name} runs its own decoding loop; custom_generate cannot be given")
                 kwargs["custom_generate"] = loops[0].decoding_loop
@@ -122,11 +123,13 @@ class Session:
 
     @contextlib.contextmanager
     def _generating(self, prompt_len: int | None) -> Iterator[None]:
-        self._prompt_len = prompt_len
+        outer, self._prompt_len = self._prompt_len, prompt_len
+        self._generate_depth += 1
         try:
             yield
         finally:
-            self._prompt_len = None
+            self._prompt_len = outer
+            self._generate_depth -= 1
 
     # ---- per forward -----------------------------------------------------------------------------------------
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -222,4 +225,5 @@ class Session:
             raise InputError("call the wrapped model itself (its forward records the token roles), not a submodule")
         total, q_len = self.roles.length, query.shape[2]
         positions = torch.arange(total - q_len, total, device=query.device)
-        return AttentionCall(layer, self.roles.keys(key.shape[2]), positions, self.stream, value, attention_mask)
+        return AttentionCall(layer, self.roles.keys(key.shape[2]), positions, self.stream, value, attention_mask,
+                             total - q_len)

@@ -78,9 +78,10 @@ class Act(Method):
         self.touched_layers = frozenset() if cfg.is_neutral else frozenset(per_layer)
         self._sinks: dict[int, torch.Tensor] = {}
         self._detected: dict[int, torch.Tensor] = {}
+        self._columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def start_sequence(self, roles: TokenRoles) -> None:
-        self._sinks, self._detected = {}, {}
+        self._sinks, self._detected, self._columns = {}, {}, {}
 
     def _edited_rows(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
         if self.config.decode_policy == "prefill_only":
@@ -95,41 +96,51 @@ class Act(Method):
             rows = rows | (call.query_positions < call.roles.prompt_len)
         if not bool(rows.any()):
             return None
-        return RowRequest(rows, self._heads[call.layer].to(rows.device))
+        # the column means need every prompt row: they are summed block by block (`observe`) before any edit
+        return RowRequest(rows, self._heads[call.layer].to(rows.device), observe=call.covers_prompt, blockwise=True)
+
+    def observe(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
+        """Add this block's attention received by each prompt key, and the valid prompt rows that see it."""
+        prompt_len = call.roles.prompt_len
+        prompt_rows = view.rows < prompt_len
+        rows_valid = call.roles.valid[:, view.rows[prompt_rows]][:, None, :, None]  # (batch, 1, rows, 1)
+        probs = view.probs()[:, :, prompt_rows, :prompt_len]
+        # the column sum over valid rows as one product (no (heads, rows, keys) temporary)
+        received = torch.matmul(rows_valid.transpose(-1, -2).to(probs.dtype), probs)[:, :, 0]  # (batch, heads, keys)
+        count = (view.allowed[:, :, prompt_rows, :prompt_len] & rows_valid).sum(2)
+        if call.layer in self._columns:
+            received, count = (a + b for a, b in zip(self._columns[call.layer], (received, count)))
+        self._columns[call.layer] = (received, count)
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         roles, prompt_len = call.roles, call.roles.prompt_len
         probs = view.probs()
         selected = torch.isin(view.heads, request.heads)
-        if call.covers_prompt:
-            found = self._find_sinks(view, probs, selected, roles)
+        if call.layer in self._columns:  # the first block after `observe` saw every prompt row
+            found = self._find_sinks(*self._columns.pop(call.layer), view.heads, selected, roles)
             first = torch.nn.functional.one_hot(found.int().argmax(-1), prompt_len).bool()
             self._detected[call.layer] = found
             self._sinks[call.layer] = found & ~first
         sinks = self._sinks[call.layer][:, view.heads]  # (batch, heads, prompt_len)
         sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
-        mass = (probs * sinks).sum(-1, keepdim=True)  # (batch, heads, rows, 1)
+        mass = torch.matmul(probs, sinks.to(probs.dtype).transpose(-1, -2))  # (batch, heads, rows, 1)
         beta = self.config.beta
         bias = torch.log(beta * (1 - mass) / (1 - beta * mass))
-        bias = torch.where(mass < 1, bias, torch.zeros_like(bias))  # a row with all its mass on sinks is left as is
         rows = self._edited_rows(view.rows, prompt_len).view(1, 1, -1, 1)
-        where = sinks & rows & selected.view(1, -1, 1, 1)
-        view.add_bias(torch.where(where, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
+        # a row with all its mass on sinks is left as is; per-row factors first, one (heads, rows, keys) select last
+        bias = torch.where((mass < 1) & rows & selected.view(1, -1, 1, 1), bias, torch.zeros_like(bias))
+        view.add_bias(torch.where(sinks, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
 
-    def _find_sinks(self, view: RowLogits, probs: torch.Tensor, selected: torch.Tensor,
+    def _find_sinks(self, received: torch.Tensor, count: torch.Tensor, heads: torch.Tensor, selected: torch.Tensor,
                     roles: TokenRoles) -> torch.Tensor:
-        """`(batch, num_heads, prompt_len)` bool: keys whose causal column-mean attention exceeds the threshold."""
+        """`(batch, num_heads, prompt_len)` bool: keys whose causal column-mean attention exceeds the threshold,
+        from the attention each key received over the valid prompt rows and the number of those rows that see it."""
         prompt_len = roles.prompt_len
-        prompt_rows = view.rows < prompt_len
-        rows_valid = roles.valid[:, view.rows[prompt_rows]][:, None, :, None]  # (batch, 1, rows, 1)
-        seen = view.allowed[:, :, prompt_rows, :prompt_len] & rows_valid
-        received = (probs[:, :, prompt_rows, :prompt_len] * rows_valid).sum(2)  # (batch, heads, prompt_len)
-        count = seen.sum(2)  # valid prompt rows that can see each key
         score = received / count.clamp_min(1)
         found = (score > self.config.threshold) & (count > 0) & roles.valid[:, None, :prompt_len]
         found &= selected.view(1, -1, 1)
         full = torch.zeros(found.shape[0], self._num_heads, prompt_len, dtype=torch.bool, device=found.device)
-        full[:, view.heads] = found
+        full[:, heads] = found
         return full
 
     def sinks(self, calibrated: bool = True) -> dict[int, torch.Tensor]:

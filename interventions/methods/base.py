@@ -40,8 +40,9 @@ class Method:
 
     The core calls: `bind` once at wrap (validate against the model, resolve `touched_layers`); at each forward,
     `positions` ("positions") and, from an empty cache, `read_inputs` + `start_sequence`; in each touched layer,
-    `on_layer_input` ("layer_inputs"), then inside attention `edit_mask` ("mask"), `request` + `edit` ("rows")
-    and `edit_head_outputs` ("head_outputs"); `decoding_loop` ("decoding_loop") replaces the loop of `generate`.
+    `on_layer_input` ("layer_inputs"), then inside attention `edit_mask` ("mask"), `request` + `edit` ("rows";
+    then `grad_probs` for a `grad` request) and `edit_head_outputs` ("head_outputs"); `decoding_loop`
+    ("decoding_loop") replaces the loop of `generate`.
     "branch": the core runs `branches` (second streams, in whose layers the owner's hooks see `call.stream`) and
     hands each mirroring branch's logits to `combine_logits`.
     "model_hooks": `install_hooks` once at wrap, for hooks outside the text decoder (e.g. on the vision tower).
@@ -52,6 +53,10 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the method reads image-token keys, so every prompt must contain image tokens
     needs_image_tokens: ClassVar[bool] = False
+    #: its decoding loop rolls the KV cache back (`Cache.crop`), which a branch mirroring every forward cannot follow
+    rolls_back_cache: ClassVar[bool] = False
+    #: `wrap` must be given the model's processor (`iv.wrap(model, name, processor=processor)`), for `use_processor`
+    needs_processor: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
@@ -63,6 +68,9 @@ class Method:
 
     def bind(self, model: ModelInfo) -> None:
         """Check the config against the model and set `touched_layers` (empty when neutral)."""
+
+    def use_processor(self, processor: Any) -> None:
+        """Receive the processor given to `wrap` (methods with `needs_processor`), before `bind`; check it here."""
 
     def use_tokenizer(self, tokenizer: Any) -> None:
         """Receive the tokenizer given to `Handle.set_template` (for methods that read words, e.g. content words)."""
@@ -78,8 +86,19 @@ class Method:
         """Rows and heads to edit in this call, or `None` to leave it alone."""
         return None
 
+    def observe(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
+        """For an `observe` request: read one block of its rows, unedited; every block comes here before the first
+        `edit` of the call (blocks bound the memory of many rows, so a statistic over all rows is gathered here)."""
+
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
-        """Edit `view` (add a bias) for the rows and heads of `request`; `view` may hold more rows and heads."""
+        """Edit `view` (add a bias) for the rows and heads of `request`; `view` may hold more rows and heads, and,
+        when the rows are many, only a block of them (each block is edited in turn)."""
+
+    def grad_probs(self, call: AttentionCall, probs: torch.Tensor, request: RowRequest) -> None:
+        """For a `grad` request, when grad mode is on: the final probabilities (after every method's edit) of the
+        request's rows and heads, in increasing order, `(batch, heads, rows, kv_len)`. It is an autograd leaf on
+        which the layer's output depends (the output's value is unchanged), so the gradient of a later loss with
+        respect to it is `∂loss/∂A` for the probabilities A used in `A·V`. Called once per block of rows."""
 
     def edit_mask(self, call: AttentionCall, allowed: torch.Tensor) -> torch.Tensor | None:
         """Keys each query row may attend to, `(batch, 1, q_len, kv_len)` bool (possibly a broadcast view: do not

@@ -178,7 +178,7 @@ class Gift(Method):
             rows = (question | before)[call.query_positions]
             return RowRequest(rows, read_only=True) if bool(rows.any()) else None
         rows = call.query_positions >= roles.prompt_len - 1
-        return RowRequest(rows) if bool(rows.any()) else None
+        return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # the enhancement is row by row
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         if view.heads.numel() != self._num_heads:

@@ -70,7 +70,7 @@ class Locore(Method):
 
     def request(self, call: AttentionCall) -> RowRequest | None:
         rows = self._edited(call.query_positions, call.roles.prompt_len)
-        return RowRequest(rows) if bool(rows.any()) else None
+        return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         cfg: LocoreConfig = self.config

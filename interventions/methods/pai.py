@@ -90,7 +90,7 @@ class Pai(Method):
 
     def request(self, call: AttentionCall) -> RowRequest | None:
         rows = call.query_positions >= call.roles.prompt_len - self._first_row_offset
-        return RowRequest(rows) if bool(rows.any()) else None
+        return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         rows = (view.rows >= call.roles.prompt_len - self._first_row_offset).view(1, 1, -1, 1)

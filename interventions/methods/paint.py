@@ -165,7 +165,7 @@ class Paint(Method):
             return None
         if self._masks is None:
             self._masks = self._select(call.roles)
-        return RowRequest(rows)
+        return RowRequest(rows, blockwise=True)  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         pad = view.logits.shape[-1] - call.roles.prompt_len

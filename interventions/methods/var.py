@@ -165,7 +165,7 @@ class Var(Method):
 
     def request(self, call: AttentionCall) -> RowRequest | None:
         rows = self._text_after_image(call.roles, call.query_positions).any(0)
-        return RowRequest(rows) if bool(rows.any()) else None
+        return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # each row's edit reads that row
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         cfg: VarConfig = self.config

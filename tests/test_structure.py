@@ -1,0 +1,126 @@
+"""The structural facts that make the methods cheap (benchmarks/overhead.py measures the times; no test here is
+timed): untouched layers stay on SDPA at prefill and at every decode step; only the rows and heads a method needs
+are materialised; rows that a method needs all of (ACT at prefill) are computed in blocks whose extra memory is
+bounded, with the same result as one block."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from tiny_models import Prompt, build_model, make_inputs
+from torch.profiler import ProfilerActivity, profile
+
+import interventions as iv
+from interventions.core import attention
+
+LONG = 160  # prompt tokens of the LLM cases: (4 heads, L, L) float32 logits are 400 KiB per layer
+
+
+@functools.cache
+def _model(family: str):
+    return build_model(family)
+
+
+def _llm_inputs(length: int = LONG) -> dict[str, torch.Tensor]:
+    return make_inputs(_model("llama"), "llama", [Prompt(length, 0, seed=3, image=False)])
+
+
+@pytest.fixture
+def materialised(monkeypatch):
+    """Records `(rows, heads, kv_len)` of every block of explicit logits the core computes."""
+    shapes = []
+    original = attention.row_logits
+
+    def spy(query, key, heads, rows_local, *args):
+        shapes.append((len(rows_local), len(heads), key.shape[2]))
+        return original(query, key, heads, rows_local, *args)
+
+    monkeypatch.setattr(attention, "row_logits", spy)
+    return shapes
+
+
+@torch.no_grad()
+def test_decode_steps_keep_untouched_layers_on_sdpa():
+    model = _model("llava")
+    inputs = make_inputs(model, "llava", [Prompt(3, 5, seed=1)])
+    with iv.apply(model, "pai", alpha=0.5, start_layer=2):
+        before = dict(attention.DISPATCH_COUNTS)
+        model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        edited = attention.DISPATCH_COUNTS["edited"] - before["edited"]
+        base = attention.DISPATCH_COUNTS["base"] - before["base"]
+    assert (edited, base) == (4, 8)  # 4 forwards (prefill + 3 steps): layer 2 edited, layers 0 and 1 on SDPA
+
+
+@torch.no_grad()
+def test_last_row_methods_materialise_one_row_per_layer(materialised):
+    model = _model("llava")
+    inputs = make_inputs(model, "llava", [Prompt(3, 5, seed=1)])
+    length = inputs["input_ids"].shape[1]
+    with iv.apply(model, "pai", alpha=0.5, start_layer=1):
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    # layers 1 and 2, all 4 heads: the last prompt row at prefill, then the one new row of the decode step
+    assert materialised == [(1, 4, length)] * 2 + [(1, 4, length + 1)] * 2
+
+
+@torch.no_grad()
+def test_act_materialises_only_its_heads(materialised):
+    model, inputs = _model("llama"), _llm_inputs(40)
+    with iv.apply(model, "act", beta=0.5, heads=[[1, 0], [1, 3], [2, 2]]):
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    # prefill: every prompt row of the selected heads only (layer 1: 2 heads, layer 2: 1 head); decode: one row
+    assert materialised == [(40, 2, 40), (40, 1, 40), (1, 2, 41), (1, 1, 41)]
+
+
+def _act_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad(), iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]) as handle:
+        logits = model(**inputs).logits
+        assert any(bool(s.any()) for s in handle.methods[0].sinks().values())  # the edit is active
+    return logits
+
+
+def test_blocked_rows_give_the_same_result_within_the_bound(monkeypatch, materialised):
+    model, inputs = _model("llama"), _llm_inputs()
+    whole = _act_logits(model, inputs)
+    assert {rows for rows, *_ in materialised} == {LONG}  # default bound: one block of every row
+    materialised.clear()
+    monkeypatch.setitem(attention.ROW_BLOCK_ELEMENTS, "cpu", 4 * LONG * 10)  # 10 rows of 4 heads per block
+    blocked = _act_logits(model, inputs)
+    assert all(rows * heads * kv <= 4 * LONG * 10 for rows, heads, kv in materialised)
+    # each layer: 16 blocks observed (column sums), then the same 16 blocks computed again for the edit
+    assert len(materialised) == 2 * 2 * LONG // 10
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes of live torch tensors during `fn()`, from the profiler's allocation events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_blocked_rows_bound_the_extra_memory(monkeypatch):
+    model, inputs = _model("llama"), _llm_inputs()
+    block = 4 * LONG * 8
+    monkeypatch.setitem(attention.ROW_BLOCK_ELEMENTS, "cpu", block)
+
+    def prefill():
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+
+    plain = _peak_bytes(prefill)
+    with iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]):
+        prefill()  # warm-up
+        blocked = _peak_bytes(prefill)
+        monkeypatch.setitem(attention.ROW_BLOCK_ELEMENTS, "cpu", 1 << 30)
+        whole = _peak_bytes(prefill)
+    full_map = 4 * LONG * LONG * 4  # (heads, L, L) float32
+    assert blocked - plain <= 8 * block * 4  # a few block-sized temporaries, whatever the prompt length
+    assert whole - plain >= 2 * full_map  # without blocks: several (heads, L, L) maps at once
