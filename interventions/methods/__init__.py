@@ -1,6 +1,6 @@
 """Methods, one module each; importing this package registers them all."""
 
-from . import act, cca, gift, locore, pag, pai, paint, var, vhr  # noqa: F401
+from . import act, carve, cca, gift, locore, pag, pai, paint, sgrs, var, vhr  # noqa: F401
 from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest
 from .params import MethodConfig
 

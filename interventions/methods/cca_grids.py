@@ -27,8 +27,9 @@ _M_ROPE = ("qwen2_vl", "qwen2_5_vl")
 LAYOUT_INPUTS = ("image_sizes", "mm_encoder_outputs")
 
 
-def fixed_grid(family: str, config: Any) -> Grid | None:
+def fixed_grid(family: str, config: Any, method: str = "cca") -> Grid | None:
     """The grid of every image (or crop) run of `family`; None when it depends on the image (llava_next).
+    `method` names the caller in errors.
 
     Raises:
         ConfigError: the family has no 2-D grid CCA can use (M-RoPE families, unknown families, CLS features).
@@ -41,7 +42,7 @@ def fixed_grid(family: str, config: Any) -> Grid | None:
         )
     if family == "llava" or family == "llava_next":
         if getattr(config, "vision_feature_select_strategy", "default") != "default":
-            raise ConfigError(f"cca: vision_feature_select_strategy="
+            raise ConfigError(f"{method}: vision_feature_select_strategy="
                               f"{config.vision_feature_select_strategy!r} keeps the CLS feature, which has no cell "
                               "in the patch grid; allowed: 'default'")
         n = config.vision_config.image_size // config.vision_config.patch_size
@@ -52,9 +53,9 @@ def fixed_grid(family: str, config: Any) -> Grid | None:
     if family == "gemma3":
         n = math.isqrt(config.mm_tokens_per_image)
         if n * n != config.mm_tokens_per_image:
-            raise ConfigError(f"cca: gemma3 mm_tokens_per_image={config.mm_tokens_per_image} is not a square grid")
+            raise ConfigError(f"{method}: gemma3 mm_tokens_per_image={config.mm_tokens_per_image} is not a square grid")
         return Grid(n, n)
-    raise ConfigError(f"cca: no 2-D image-token grid is defined for the {family} family; "
+    raise ConfigError(f"{method}: no 2-D image-token grid is defined for the {family} family; "
                       "supported: gemma3, idefics3 (smolvlm), llava, llava_next")
 
 
