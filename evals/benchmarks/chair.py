@@ -18,6 +18,7 @@ from .records import read_records, require_field
 
 OPERA_IMAGE_IDS = DATA_DIR / "opera_500_image_ids.txt"
 CHAIR_PROMPT = "Please describe this image in detail."
+COCO_IMAGE_NAME = "COCO_val2014_{image_id:012d}.jpg"
 
 
 def read_captions(path: str | Path) -> tuple[list[tuple[int, str]], dict[str, Any]]:
@@ -135,6 +136,10 @@ class ChairBenchmark:
         max_new_tokens (`int`, *optional*, defaults to 512): OPERA's setting; published numbers depend on it.
         objects (`str` or `Path`, *optional*, defaults to `SHIPPED_OBJECTS`).
         annotations (`str` or `Path`, *optional*): a COCO 2014 annotations directory (set ``objects=None``).
+        synonyms (`str` or `Path`, *optional*): a CHAIR `synonyms.txt` for another object vocabulary (e.g. the
+            shapes world's); `None` = the COCO one.
+        image_name (`str`, *optional*, defaults to `COCO_IMAGE_NAME`): image file name, formatted with
+            ``image_id``.
 
     Example:
         >>> bench = ChairBenchmark()
@@ -147,6 +152,8 @@ class ChairBenchmark:
     max_new_tokens: int = 512
     objects: str | Path | None = SHIPPED_OBJECTS
     annotations: str | Path | None = None
+    synonyms: str | Path | None = None
+    image_name: str = COCO_IMAGE_NAME
     name: ClassVar[str] = "chair"
     # bump when the prompt, tokenisation, singulariser or metrics change
     version: ClassVar[str] = "1"
@@ -158,9 +165,14 @@ class ChairBenchmark:
             raise ValueError("chair: image_ids has duplicates")
 
     @cached_property
+    def vocabulary(self) -> Vocabulary:
+        """The object vocabulary: `synonyms` when given, else the COCO one."""
+        return default_vocabulary() if self.synonyms is None else Vocabulary.from_synonyms(self.synonyms)
+
+    @cached_property
     def ground_truth(self) -> GroundTruth:
         """Loaded on first use (the annotation files are large)."""
-        return load_ground_truth(self.objects, self.annotations)
+        return load_ground_truth(self.objects, self.annotations, self.vocabulary)
 
     def samples(self) -> Iterator[dict[str, Any]]:
         """Yield ``{"id": "<image_id>", "image_id", "image": "COCO_val2014_<12 digits>.jpg", "question"}``."""
@@ -168,7 +180,7 @@ class ChairBenchmark:
             yield {
                 "id": str(image_id),
                 "image_id": image_id,
-                "image": f"COCO_val2014_{image_id:012d}.jpg",
+                "image": self.image_name.format(image_id=image_id),
                 "question": self.prompt,
             }
 
@@ -181,6 +193,7 @@ class ChairBenchmark:
             "image_ids": list(self.image_ids),
             "objects": None if self.objects is None else str(self.objects),
             "annotations": None if self.annotations is None else str(self.annotations),
+            "synonyms": None if self.synonyms is None else str(self.synonyms),
             "lemmatizer": lemmatizer_name(),
         }
 
@@ -209,4 +222,4 @@ class ChairBenchmark:
         missing = [i for i in self.image_ids if i not in texts]
         if missing and require_all:
             raise ValueError(f"predictions cover {len(texts)} of {len(self.image_ids)} images; missing {missing[0]}")
-        return chair_metrics([(i, texts[i]) for i in self.image_ids if i in texts], self.ground_truth)
+        return chair_metrics([(i, texts[i]) for i in self.image_ids if i in texts], self.ground_truth, self.vocabulary)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import Sample
-from .chair import ChairBenchmark, read_image_ids
-from .pope import PopeBenchmark
+from .chair import CHAIR_PROMPT, ChairBenchmark, read_image_ids
+from .pope import SPLITS, PopeBenchmark
 
 
 @dataclass
@@ -48,16 +48,26 @@ class ImageBenchmark:
         return {**self.inner.record(), "images": str(self.images)}
 
 
-def pope_benchmark(questions: Path, images: Path, parser: str = "official") -> ImageBenchmark:
-    """One POPE question file (its split named after the file: `coco_pope_random.json` → `random`)."""
+def pope_benchmark(questions: Path, images: Path, parser: str = "official",
+                   prompt: str | None = None) -> ImageBenchmark:
+    """One POPE question file (its split named after the file: `coco_pope_random.json` → `random`), or a folder
+    holding one ``*_pope_<split>.json`` file per split; `prompt` defaults to LLaVA-1.5's template."""
+    kwargs = {"parser": parser} if prompt is None else {"parser": parser, "prompt_template": prompt}
+    if questions.is_dir():
+        found = {split: sorted(questions.glob(f"*_pope_{split}.json")) for split in SPLITS}
+        files = {split: paths[0] for split, paths in found.items() if len(paths) == 1}
+        if not files:
+            raise ValueError(f"--questions {str(questions)!r}: a folder without *_pope_{{{','.join(SPLITS)}}}.json "
+                             "files (exactly one per split)")
+        return ImageBenchmark(PopeBenchmark(files, **kwargs), images)
     if not questions.is_file():
         raise ValueError(f"--questions {str(questions)!r}: no such file")
     split = questions.stem.rsplit("_", 1)[-1]
-    return ImageBenchmark(PopeBenchmark({split: questions}, parser=parser), images)
+    return ImageBenchmark(PopeBenchmark({split: questions}, **kwargs), images)
 
 
-def chair_benchmark(images: Path, image_ids: Path, prompt: str, objects: str | None = None,
+def chair_benchmark(images: Path, image_ids: Path, prompt: str | None = None, objects: str | None = None,
                     annotations: str | None = None) -> ImageBenchmark:
     """CHAIR over the ids in `image_ids` (e.g. the shipped OPERA 500) with ground truth from one source."""
-    return ImageBenchmark(ChairBenchmark(tuple(read_image_ids(image_ids)), prompt=prompt, objects=objects,
-                                         annotations=annotations), images)
+    return ImageBenchmark(ChairBenchmark(tuple(read_image_ids(image_ids)), prompt=prompt or CHAIR_PROMPT,
+                                         objects=objects, annotations=annotations), images)

@@ -89,7 +89,8 @@ def load_questions(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
 
 
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str | None], parser: PopeParser) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1 and yes-ratio (fractions in [0, 1]; positive class = yes), plus counts.
+    """Accuracy, precision, recall, F1 and yes-ratio (fractions in [0, 1]; positive class = yes), plus counts and
+    the false-positive rate `fp_rate` = FP / (FP + TN) (the share of "no" questions answered yes; not averaged).
 
     An unparseable prediction (``None``) is wrong in accuracy and enters precision / recall as the parser says.
     The yes-ratio is the share of *predictions* that are yes (lmms-eval's counts labels, a bug not copied).
@@ -110,6 +111,7 @@ def pope_metrics(labels: Sequence[str], predictions: Sequence[str | None], parse
         "recall": recall,
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": sum(p == "yes" for _, p in pairs) / n if n else 0.0,
+        "fp_rate": fp / (fp + tn) if fp + tn else 0.0,
         "n": n,
         "tp": tp,
         "fp": fp,
