@@ -111,7 +111,8 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         shard = out_dir / "predictions" / (f"{run.label}.jsonl" if world == 1 else f"{run.label}.rank{rank}.jsonl")
         done = load_predictions(shard, key)
         todo = [s for s in mine if s.id not in done]
-        handle = iv.wrap(loaded.model, run.stack) if run.stack else None
+        processor = loaded.processor if loaded.has_images else None  # for methods that build inputs (carve)
+        handle = iv.wrap(loaded.model, run.stack, processor=processor) if run.stack else None
         try:
             _generate(loaded, todo, shard, key, decoding, batch_size, seed, progress and rank == 0, run.label)
         finally:

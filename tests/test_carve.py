@@ -443,8 +443,8 @@ def test_errors():
     model, processor = _model("llava"), _processor("llava")
     with pytest.raises(ValueError, match="carve: processor is required"):
         iv.wrap(model, "carve", layers=LAYERS)
-    with pytest.raises(ValueError, match="carve: layers=None means layers 20..25"):
-        iv.wrap(model, "carve", processor=processor)
+    with iv.apply(model, "carve", processor=processor) as handle:  # 3 layers: the official 20..25 of 32, relative
+        assert sorted(handle.methods[0].layers) == [1, 2]
     with pytest.raises(ValueError, match="not a VLM processor"):
         iv.wrap(model, "carve", processor=processor.tokenizer, layers=LAYERS)
     other = build_model("llava")

@@ -88,8 +88,10 @@ class CarveConfig(MethodConfig):
     region_count_mode: str = param("max", "'max': keep the top min(K, n) regions (paper); 'official_min': keep "
                                    "max(K, int(n·p)) (official code)", "[paper] §4; [code] masking.py",
                                    choice("max", "official_min"))
-    layers: tuple | None = param(None, "decoder layers whose last-row attention is read; None = 20..25 (needs >= 26 "
-                                 "layers)", "[code] DEFAULT_LAYERS = range(20, 26); [paper] Table 2",
+    layers: tuple | None = param(None, "decoder layers whose last-row attention is read; None = 20..25, or on a model "
+                                 "with fewer than 26 layers the same relative depth [floor(20L/32), ceil(26L/32))",
+                                 "[code] DEFAULT_LAYERS = range(20, 26) (32-layer LLaVA-1.5); [paper] Table 2; "
+                                 "[project] relative depth for smaller models, unvalidated",
                                  optional(int_list()))
     lam: float = param(1e-8, "λ in A_Q / (A_G + λ)", "[code] 1e-8; [paper] Eq. 4.6", number(0.0, lo_open=True))
     time_steps: str = param("full", "step weights: 'full' w_t = t+1, 'start' first step, 'end' last paired step "
@@ -166,10 +168,10 @@ class Carve(Method):
         cfg: CarveConfig = self.config
         if not model.has_images:
             raise ConfigError(f"carve needs images, and the {model.family} family has none (text-only model)")
-        if cfg.layers is None and model.num_layers < DEFAULT_LAYERS.stop:
-            raise ConfigError(f"carve: layers=None means layers 20..25, and this model has {model.num_layers} "
-                              "layers; pass layers explicitly (e.g. layers=[...] in the model's upper-middle)")
-        self.layers = layer_range(model, "carve", cfg.layers, DEFAULT_LAYERS)
+        default = DEFAULT_LAYERS
+        if model.num_layers < DEFAULT_LAYERS.stop:  # the official layers' relative depth in LLaVA-1.5's 32 layers
+            default = range(20 * model.num_layers // 32, -(-26 * model.num_layers // 32))
+        self.layers = layer_range(model, "carve", cfg.layers, default)
         self.touched_layers = frozenset() if cfg.is_neutral else self.layers
         self._family, self._model_config = model.family, model.config
         self._image_id = int(getattr(model.config, "image_token_id", None) or model.config.image_token_index)
