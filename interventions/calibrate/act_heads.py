@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from ..api import apply
 from ..errors import ConfigError
-from ..families import resolve
 from .devset import (
-    TASKS,
     SearchLog,
+    add_search_arguments,
     dev_set,
+    head_pool,
+    load_for_search,
     load_task,
     provenance,
     run_key,
@@ -153,15 +154,8 @@ def write_heads(result: dict[str, Any], path: str | Path) -> Path:
 def _candidates(model: torch.nn.Module, layers: Sequence[int] | None, heads: Sequence[int] | None,
                 stride: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Validated layers and heads (defaults: ACT's 2..L-2, all heads) and the layer-major pool, strided."""
-    adapter = resolve(model)
-    num_layers = len(adapter.attention_modules(model))
-    num_heads = adapter.text_config(model).num_attention_heads
-    layers = list(range(2, num_layers - 1)) if layers is None else sorted(set(layers))
-    heads = list(range(num_heads)) if heads is None else sorted(set(heads))
-    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
-        raise ConfigError(f"act-heads: layers={layers} or heads={heads} out of range; the model has layers "
-                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
-    pool = [(layer, head) for layer in layers for head in heads][::stride]
+    layers, heads, pool = head_pool(model, layers, heads, lambda n: range(2, n - 1), "act-heads")
+    pool = pool[::stride]
     if not pool:
         raise ConfigError("act-heads: the candidate pool is empty; give layers and heads")
     return layers, heads, pool
@@ -170,34 +164,20 @@ def _candidates(model: torch.nn.Module, layers: Sequence[int] | None, heads: Seq
 # ---- command line: `interventions calibrate act-heads` ---------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `interventions calibrate act-heads`."""
-    parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="multiple-choice dev set")
-    parser.add_argument("--output", "-o", required=True, help="head-list JSON to write (pass it as act's heads)")
-    parser.add_argument("--results", help="per-head JSONL, resumed on restart (default: the output with .jsonl)")
-    parser.add_argument("--limit", type=int, help="number of examples (drawn with --seed); default all")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default ACT's 2..L-2)")
-    parser.add_argument("--heads", type=int, nargs="+", help="candidate heads per layer (default all)")
+    add_search_arguments(parser, "act", "per-head JSONL", "ACT's 2..L-2")
     parser.add_argument("--stride", type=int, default=1, help="every stride-th candidate of the layer-major pool")
     parser.add_argument("--beta", type=float, default=0.4)
     parser.add_argument("--threshold", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=16, help="(context, choice) rows per forward")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
-    parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `search_act_heads` from parsed `add_arguments` options, write the file and print a summary."""
-    from ..loading import load_model
-
-    loaded = load_model(args.model, args.dtype, args.device_map)
-    model, tokenizer = loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor)
+    model, tokenizer, model_id = load_for_search(args)
     output = Path(args.output)
     result = search_act_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed, layers=args.layers,
                               heads=args.heads, stride=args.stride, beta=args.beta, threshold=args.threshold,
                               batch_size=args.batch_size, results=args.results or output.with_suffix(".jsonl"),
-                              progress=not args.no_progress, model_id=loaded.model_id)
+                              progress=not args.no_progress, model_id=model_id)
     write_heads(result, output)
     base = result["baseline"]
     print(f"baseline accuracy {base['accuracy']:.4f}, margin {base['margin']:.4f} on {len(result['examples'])} "

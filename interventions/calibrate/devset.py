@@ -9,11 +9,12 @@ left-padded batch, so one evaluation is `ceil(examples·choices / batch_size)` f
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import transformers
 from evals.benchmarks.lm import DATA_DIR
 
 from ..errors import ConfigError
+from ..families import resolve
 from ..version import __version__
 
 
@@ -104,6 +106,25 @@ def dev_set(model: torch.nn.Module, tokenizer: Any, task: str, *, limit: int | N
              "task": task, "data": {"file": f"evals/data/lm/{TASKS[task][0]}", "md5": _md5(path)},
              "limit": limit, "seed": seed, "examples": chosen, "batch_size": batch_size}
     return DevSet(chosen, rows, groups, setup)
+
+
+def head_pool(model: torch.nn.Module, layers: Sequence[int] | None, heads: Sequence[int] | None,
+              default_layers: Callable[[int], range], tool: str) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Validated candidate layers and query heads (defaults: `default_layers(num_layers)`, all heads) and their
+    layer-major `(layer, head)` pool.
+
+    Raises:
+        ConfigError: a layer or head out of range.
+    """
+    adapter = resolve(model)
+    num_layers = len(adapter.attention_modules(model))
+    num_heads = adapter.text_config(model).num_attention_heads
+    layers = list(default_layers(num_layers)) if layers is None else sorted(set(layers))
+    heads = list(range(num_heads)) if heads is None else sorted(set(heads))
+    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
+        raise ConfigError(f"{tool}: layers={layers} or heads={heads} out of range; the model has layers "
+                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
+    return layers, heads, [(layer, head) for layer in layers for head in heads]
 
 
 def tokenize(examples: list[Example], tokenizer: Any) -> tuple[list[Row], list[list[int]]]:
@@ -197,6 +218,30 @@ class SearchLog:
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def add_search_arguments(parser: argparse.ArgumentParser, method: str, results_help: str, layers_help: str) -> None:
+    """The options every head search shares: model, dev set, output files, candidates, batching, loading."""
+    parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="multiple-choice dev set")
+    parser.add_argument("--output", "-o", required=True, help=f"head-list JSON to write (pass it as {method}'s heads)")
+    parser.add_argument("--results", help=f"{results_help}, resumed on restart (default: the output with .jsonl)")
+    parser.add_argument("--limit", type=int, help="number of examples (drawn with --seed); default all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, nargs="+", help=f"candidate layers (default {layers_help})")
+    parser.add_argument("--heads", type=int, nargs="+", help="candidate heads per layer (default all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="(context, choice) rows per forward")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
+    parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
+
+
+def load_for_search(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
+    """The model, its tokenizer and its id from parsed `add_search_arguments` options."""
+    from ..loading import load_model
+
+    loaded = load_model(args.model, args.dtype, args.device_map)
+    return loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor), loaded.model_id
 
 
 def _md5(path: Path) -> str:

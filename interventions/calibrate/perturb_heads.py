@@ -30,9 +30,17 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..families import resolve
 from ..methods.pag import PagConfig
-from .devset import TASKS, SearchLog, dev_set, provenance, run_key, write_result
+from .devset import (
+    SearchLog,
+    add_search_arguments,
+    dev_set,
+    head_pool,
+    load_for_search,
+    provenance,
+    run_key,
+    write_result,
+)
 
 logger = logging.getLogger(__name__)
 Head = tuple[int, int]
@@ -85,14 +93,7 @@ def search_perturb_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, l
         raise ConfigError("perturb-heads: rounds and top_k must be positive integers")
     dev = dev_set(model, tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, model_id=model_id,
                   tool="perturb-heads")
-    num_layers = len(resolve(model).attention_modules(model))
-    num_heads = model.get_decoder().config.num_attention_heads
-    layers = list(range(num_layers)) if layers is None else sorted(layers)
-    heads = list(range(num_heads)) if heads is None else sorted(heads)
-    if any(not 0 <= i < num_layers for i in layers) or any(not 0 <= h < num_heads for h in heads):
-        raise ConfigError(f"perturb-heads: layers={layers} or heads={heads} out of range; the model has layers "
-                          f"0..{num_layers - 1} of heads 0..{num_heads - 1}")
-    pool: list[Head] = [(layer, head) for layer in layers for head in heads]
+    layers, heads, pool = head_pool(model, layers, heads, range, "perturb-heads")
     setup = {**dev.setup, "search": {"u": u, "w": w, "target": target, "cutoff": cutoff, "rounds": rounds,
                                      "top_k": top_k, "layers": layers, "heads": heads}}
     key = run_key(setup)
@@ -166,35 +167,20 @@ def _rank(score: dict[str, float]) -> tuple[float, float]:
 # ---- command line: `interventions calibrate perturb-heads` -----------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `interventions calibrate perturb-heads`."""
-    parser.add_argument("--model", required=True, help="hub id, local path, or builtin:smollm2")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="multiple-choice dev set")
-    parser.add_argument("--output", "-o", required=True, help="head-list JSON to write (pass it as pag's heads)")
-    parser.add_argument("--results", help="JSONL of evaluated head sets, resumed on restart (default: the output "
-                        "with .jsonl)")
-    parser.add_argument("--limit", type=int, help="number of examples (drawn with --seed); default all")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default all)")
-    parser.add_argument("--heads", type=int, nargs="+", help="candidate heads per layer (default all)")
+    add_search_arguments(parser, "pag", "JSONL of evaluated head sets", "all")
     parser.add_argument("--rounds", type=int, default=5, help="search rounds (spec: 5)")
     parser.add_argument("--top-k", type=int, default=3, help="heads added per round (spec: 3)")
     parser.add_argument("--u", type=float, default=1.0, help="perturbation strength during the search (spec: 1)")
     parser.add_argument("--w", type=float, default=1.0, help="guidance weight during the search")
     parser.add_argument("--target", default="identity", help="attention target: identity or uniform")
     parser.add_argument("--cutoff", type=float, default=0.0, help="plausibility cutoff during the search (0 = off)")
-    parser.add_argument("--batch-size", type=int, default=16, help="(context, choice) rows per forward")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
-    parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `search_perturb_heads` from parsed `add_arguments` options, write the file and print a summary."""
-    from ..loading import load_model
-
-    loaded = load_model(args.model, args.dtype, args.device_map)
-    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    model, tokenizer, _ = load_for_search(args)
     output = Path(args.output)
-    result = search_perturb_heads(loaded.model, tokenizer, args.task, limit=args.limit, seed=args.seed,
+    result = search_perturb_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed,
                                   layers=args.layers, heads=args.heads, rounds=args.rounds, top_k=args.top_k,
                                   u=args.u, w=args.w, target=args.target, cutoff=args.cutoff,
                                   batch_size=args.batch_size, results=args.results or output.with_suffix(".jsonl"),
