@@ -47,3 +47,19 @@ def capture(model, inputs: dict, hidden: bool = False) -> dict[int, dict]:
         config._attn_implementation_internal = previous
         for hook in hooks:
             hook.remove()
+
+
+def record_row_blocks(monkeypatch) -> list[tuple[int, int, int]]:
+    """From now on (for the test's duration), `(rows, heads, kv_len)` of every block of explicit attention logits
+    the core computes: what a method makes the core materialise."""
+    from interventions.core import attention
+
+    blocks = []
+    original = attention.row_logits
+
+    def spy(query, key, heads, rows_local, *args):
+        blocks.append((len(rows_local), len(heads), key.shape[2]))
+        return original(query, key, heads, rows_local, *args)
+
+    monkeypatch.setattr(attention, "row_logits", spy)
+    return blocks

@@ -13,11 +13,11 @@ import PIL.Image
 import pytest
 import torch
 import transformers
+from capture import record_row_blocks
 from tiny_models import _FAMILY_SPECS, VLM_FAMILIES, Prompt, build_model, make_inputs
 from tiny_processors import build_processor, prompt_inputs
 
 import interventions as iv
-from interventions.core import attention
 from interventions.core.roles import TokenRoles
 from interventions.families import resolve
 from interventions.methods import carve_prompts as prompts
@@ -332,19 +332,12 @@ def test_only_last_rows_of_capture_layers_are_materialised(monkeypatch):
     family = "llava"
     model, processor = _model(family), _processor(family)
     inputs = prompt_inputs(processor, family, _image(), QUESTION)
-    shapes = []
-    original = attention.row_logits
-
-    def spy(query, key, heads, rows_local, *args):
-        shapes.append((len(rows_local), len(heads)))
-        return original(query, key, heads, rows_local, *args)
-
-    monkeypatch.setattr(attention, "row_logits", spy)
+    blocks = record_row_blocks(monkeypatch)
     with iv.apply(model, "carve", processor=processor, layers=[2], capture_new_tokens=3) as handle:
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
         steps = max(len(handle.methods[0].result.answer_ids), 1)
-    assert set(shapes) == {(1, model.config.text_config.num_attention_heads)}
-    assert steps <= len(shapes) <= 3  # one per capture forward of the [Q, G] batch
+    assert {(rows, heads) for rows, heads, _ in blocks} == {(1, model.config.text_config.num_attention_heads)}
+    assert steps <= len(blocks) <= 3  # one per capture forward of the [Q, G] batch
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -8,11 +8,19 @@ import functools
 
 import pytest
 import torch
+from capture import record_row_blocks
 from test_var import capture, plain_probs
-from tiny_models import FAMILIES, FIRST_TEXT_ID, LLM_FAMILIES, VLM_FAMILIES, Prompt, build_model, make_inputs
+from tiny_models import (
+    FAMILIES,
+    FIRST_TEXT_ID,
+    LLM_FAMILIES,
+    VLM_FAMILIES,
+    Prompt,
+    build_model,
+    make_inputs,
+)
 
 import interventions as iv
-from interventions.core import attention
 from interventions.core.roles import TokenRoles
 from interventions.core.rows import RowLogits
 from interventions.errors import ConfigError
@@ -213,14 +221,7 @@ def test_only_decode_rows_are_materialised(monkeypatch, first_row, prefill):
     family = LLM_FAMILIES[0]
     model = _model(family)
     inputs = _inputs(model, family, _prompts(family))
-    shapes = []
-    original = attention.row_logits
-
-    def spy(query, key, heads, rows_local, *args):
-        shapes.append((len(rows_local), len(heads)))
-        return original(query, key, heads, rows_local, *args)
-
-    monkeypatch.setattr(attention, "row_logits", spy)
+    blocks = record_row_blocks(monkeypatch)
     with torch.no_grad(), iv.apply(model, "locore", beta=1.0, layers=[1], apply_on_prefill_last_row=first_row):
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert shapes == prefill + [(1, 4), (1, 4)]  # one row of all heads per decode step, in layer 1 only
+    assert [(rows, heads) for rows, heads, _ in blocks] == prefill + [(1, 4), (1, 4)]  # one row of all heads per decode step, in layer 1 only

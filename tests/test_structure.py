@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from capture import record_row_blocks
 from tiny_models import Prompt, build_model, make_inputs
 from torch.profiler import ProfilerActivity, profile
 
@@ -30,15 +31,7 @@ def _llm_inputs(length: int = LONG) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def materialised(monkeypatch):
     """Records `(rows, heads, kv_len)` of every block of explicit logits the core computes."""
-    shapes = []
-    original = attention.row_logits
-
-    def spy(query, key, heads, rows_local, *args):
-        shapes.append((len(rows_local), len(heads), key.shape[2]))
-        return original(query, key, heads, rows_local, *args)
-
-    monkeypatch.setattr(attention, "row_logits", spy)
-    return shapes
+    return record_row_blocks(monkeypatch)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from capture import capture
+from capture import capture, record_row_blocks
 from tiny_models import (
     FIRST_TEXT_ID,
     LLM_FAMILIES,
@@ -358,20 +358,13 @@ def test_only_text_rows_after_the_image_are_materialised(monkeypatch):
     family = "llava"
     model = _model(family)
     inputs = _inputs(model, family, _prompts())
-    shapes = []
-    original = attention.row_logits
-
-    def spy(query, key, heads, rows_local, *args):
-        shapes.append((len(rows_local), len(heads)))
-        return original(query, key, heads, rows_local, *args)
-
-    monkeypatch.setattr(attention, "row_logits", spy)
+    blocks = record_row_blocks(monkeypatch)
     with torch.no_grad(), iv.apply(model, "var", **_params(family)):
         before = dict(attention.DISPATCH_COUNTS)
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         base = attention.DISPATCH_COUNTS["base"] - before["base"]
     # prefill: the 4 text rows after the image (union over the left-padded batch) of layers 1 and 2; then 1 row
-    assert shapes == [(4, 4), (4, 4), (1, 4), (1, 4)]
+    assert [(rows, heads) for rows, heads, _ in blocks] == [(4, 4), (4, 4), (1, 4), (1, 4)]
     assert base == 2  # layer 0 stays on SDPA at prefill and at the decode step
 
 
