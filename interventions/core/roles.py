@@ -52,12 +52,20 @@ class TokenRoles:
         return self.valid & ~self.image & ~self.generated
 
     @property
+    def prompt_image(self) -> torch.Tensor:
+        """`(batch, length)` bool: image positions of the prompt (a generated image-token id is not an image)."""
+        return self.image & (torch.arange(self.length, device=self.valid.device) < self.prompt_len)
+
+    def after_last_image(self) -> torch.Tensor:
+        """`(batch, length)` bool: positions after the sample's last prompt image token (all of them without one)."""
+        pos = torch.arange(self.length, device=self.valid.device)
+        return pos > torch.where(self.prompt_image, pos, -1).amax(1, keepdim=True)
+
+    @property
     def question(self) -> torch.Tensor:
         """`(batch, length)` bool: prompt text after the sample's last image token (all prompt text without an
         image), minus template tokens."""
-        pos = torch.arange(self.length, device=self.valid.device)
-        last_image = torch.where(self.image & (pos < self.prompt_len), pos, -1).amax(1, keepdim=True)
-        return self.text & ~self.template & (pos > last_image)
+        return self.text & ~self.template & self.after_last_image()
 
     def image_spans(self, sample: int) -> list[tuple[int, int]]:
         """Contiguous runs `[start, end)` of image positions of one sample."""

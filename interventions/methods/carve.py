@@ -207,8 +207,7 @@ class Carve(Method):
 
     def edit(self, call: AttentionCall, view: Any, request: RowRequest) -> None:
         row = int((view.rows == call.query_positions[-1]).nonzero()[0, 0])
-        roles = call.roles
-        image = roles.image & (torch.arange(roles.length, device=roles.image.device) < roles.prompt_len)
+        image = call.roles.prompt_image
         probs = view.probs()[:, :, row]  # (batch, heads, kv_len)
         self._capture[call.layer].append(torch.stack([probs[b][:, image[b]].mean(0) for b in range(len(probs))]))
 

@@ -200,7 +200,7 @@ class Gift(Method):
         for b, tokens in enumerate(self._content):
             if tokens.numel() == 0:
                 continue
-            image = _prompt_image(call.roles)[b].nonzero().flatten()
+            image = call.roles.prompt_image[b].nonzero().flatten()
             a = probs[b][:, :, image]  # (heads, rows, image keys)
             shift = (a[:, row_of[tokens]] - a[:, row_of[tokens - 1]]).clamp_min(0)  # (heads, tokens, image)
             kept = shift.sum((1, 2)).topk(self._num_heads // 2).indices
@@ -216,7 +216,7 @@ class Gift(Method):
             h = h.clamp(float(h.mean() - 3 * sigma), float(h.mean() + 3 * sigma))
             span = h.max() - h.min()
             if span > 0:
-                self._map[b, _prompt_image(roles)[b, : roles.prompt_len]] = (h - h.min()) / span
+                self._map[b, roles.prompt_image[b, : roles.prompt_len]] = (h - h.min()) / span
 
     def _enhance(self, call: AttentionCall, view: RowLogits) -> None:
         roles, probs, k = call.roles, view.probs(), self._num_heads // 2
@@ -224,7 +224,7 @@ class Gift(Method):
         hat = torch.zeros(roles.batch_size, length, dtype=probs.dtype, device=probs.device)
         if self._map is not None:
             hat[:, : self._map.shape[1]] = self._map[:, :length]
-        image = _prompt_image(roles)[:, None, None, :]
+        image = roles.prompt_image[:, None, None, :]
         question = roles.question[:, None, None, :]
         image_mass = (probs * image).sum(-1)  # (batch, heads, rows)
         visual_heads = _top_heads(image_mass, k)
@@ -280,11 +280,6 @@ def content_mask(ids: list[int], tokenizer: Any, mode: str = "stopwords") -> lis
         words = [m.span() for m in _WORD.finditer(text) if m.group().lower() not in STOP_WORDS]
     return [start < end and any(start < w_end and end > w_start for w_start, w_end in words)
             for start, end in spans]
-
-
-def _prompt_image(roles: TokenRoles) -> torch.Tensor:
-    """`(batch, length)` bool: image positions of the prompt (a generated image-token id is not an image)."""
-    return roles.image & (torch.arange(roles.length, device=roles.image.device) < roles.prompt_len)
 
 
 def _top_heads(mass: torch.Tensor, k: int) -> torch.Tensor:

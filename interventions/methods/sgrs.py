@@ -161,10 +161,8 @@ def history_keys(call: AttentionCall) -> torch.Tensor:
     without template and image-boundary tokens (the paper's Sys_L + Img_L ≤ j ≤ P, from token roles)."""
     roles = call.roles
     keys = torch.arange(roles.length, device=roles.valid.device)
-    prompt_image = roles.image & (keys < roles.prompt_len)  # a generated image id is a generated token
-    last_image = torch.where(prompt_image, keys, -1).amax(1, keepdim=True)
     newest = call.query_positions[-1].to(keys.device)
-    return roles.valid & ~roles.template & (keys > last_image) & (keys <= newest)
+    return roles.valid & ~roles.template & roles.after_last_image() & (keys <= newest)
 
 
 def preset_layers(family: str, num_layers: int) -> range | list[int]:
