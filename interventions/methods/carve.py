@@ -53,7 +53,16 @@ from .carve_refine import (
     threshold,
 )
 from .carve_views import PIXEL_INPUTS, on_original, sample_pixels, sample_view
-from .params import MethodConfig, boolean, choice, int_list, number, optional, param
+from .params import (
+    MethodConfig,
+    boolean,
+    choice,
+    int_list,
+    number,
+    optional,
+    param,
+    text,
+)
 
 #: decoder layers read by default, 0-based inclusive 20..25 [code] DEFAULT_LAYERS
 DEFAULT_LAYERS = range(20, 26)
@@ -61,12 +70,6 @@ DEFAULT_LAYERS = range(20, 26)
 _CACHE_SIZE = 64
 #: families whose processor takes one list of images per prompt
 _NESTED = ("idefics3", "smolvlm")
-
-
-def _text(method: str, name: str, value: Any) -> Any:
-    if not isinstance(value, str):
-        raise ConfigError(f"{method}: {name}={value!r} is invalid; expected a string.")
-    return value
 
 
 @dataclass(frozen=True)
@@ -107,10 +110,10 @@ class CarveConfig(MethodConfig):
                                 "[paper] App. C (up to 1.59× faster with several questions per image); spec §5",
                                 boolean)
     general_prompt: str = param("Write a general description of the image.", "instruction of pass G",
-                                "[code]; [paper] App. D", _text)
+                                "[code]; [paper] App. D", text)
     answer_suffix: str = param("Answer the question using a single word or phrase.", "appended to the general "
                                "instruction (the official code also appends it to the task question: write it "
-                               "into your own prompt for fidelity)", "[code] pipeline.py", _text)
+                               "into your own prompt for fidelity)", "[code] pipeline.py", text)
 
     @property
     def is_neutral(self) -> bool:

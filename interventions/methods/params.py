@@ -121,6 +121,13 @@ def boolean(method: str, name: str, value: Any) -> Any:
     return value
 
 
+def text(method: str, name: str, value: Any) -> Any:
+    """A string."""
+    if not isinstance(value, str):
+        raise _fail(method, name, value, "a string")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config: validated on construction, immutable, JSON-serialisable.
