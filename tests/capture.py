@@ -50,16 +50,16 @@ def capture(model, inputs: dict, hidden: bool = False) -> dict[int, dict]:
 
 
 def record_row_blocks(monkeypatch) -> list[tuple[int, int, int]]:
-    """From now on (for the test's duration), `(rows, heads, kv_len)` of every block of explicit attention logits
-    the core computes: what a method makes the core materialise."""
+    """From now on (for the test's duration), `(rows, heads, keys)` of every block of explicit attention logits
+    the core computes: what a method makes the core materialise (`keys`: kv_len, or the columns of a column view)."""
     from interventions.core import attention
 
     blocks = []
     original = attention.row_logits
 
-    def spy(query, key, heads, rows_local, *args):
-        blocks.append((len(rows_local), len(heads), key.shape[2]))
-        return original(query, key, heads, rows_local, *args)
+    def spy(query, key, heads, rows_local, *args, columns=None):
+        blocks.append((len(rows_local), len(heads), key.shape[2] if columns is None else len(columns)))
+        return original(query, key, heads, rows_local, *args, columns=columns)
 
     monkeypatch.setattr(attention, "row_logits", spy)
     return blocks

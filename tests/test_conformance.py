@@ -13,6 +13,7 @@ from capture import capture
 from tiny_models import Prompt, build_model, make_inputs
 
 import interventions as iv
+from interventions.core import attention
 from interventions.core.roles import TokenRoles
 from interventions.core.rows import RowLogits
 from interventions.methods.act import Act, ActConfig
@@ -101,6 +102,39 @@ def test_act_rows_equal_spec_formula_fp64(llava64, beta, heads):
     plain = _softmax(captured["q"] @ captured["k"].transpose(-1, -2) * captured["scaling"], _allowed(valid)[:, None])
     torch.testing.assert_close(got.where(rows, 0)[:, untouched], plain.where(rows, 0)[:, untouched], atol=1e-12,
                                rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_act_fused_outputs_equal_spec_formula_fp64(family, monkeypatch):
+    """The fused path (no attention weights asked for): each layer's attention output equals the spec's calibrated
+    probabilities times V; left-padded batch (masked kernel) for llava, unpadded prompt (causal kernel) for qwen2."""
+    model = build_model(family, dtype=torch.float64)
+    image = family == "llava"
+    prompts = [Prompt(2, 5, seed=3, image=image), Prompt(5, 3, seed=4, image=image)] if image \
+        else [Prompt(12, 0, seed=5, image=False)]
+    inputs = make_inputs(model, family, prompts)
+    if image:
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
+    layer, threshold, beta, heads = 1, 0.08, 0.3, [0, 2, 3]
+    captured = capture(model, inputs)[layer]
+    valid = inputs["attention_mask"].bool()
+    expected = act_reference(captured["q"], captured["k"], captured["scaling"], valid, beta, threshold, heads)
+    expected = expected @ captured["v"]  # (batch, heads, L, head_dim)
+    outputs, fused_calls, fused_call = [], [], attention.fused.attention_with_lse
+    monkeypatch.setattr(attention.fused, "attention_with_lse", lambda *a: fused_calls.append(1) or fused_call(*a))
+    o_proj = model.get_decoder().layers[layer].self_attn.o_proj
+    hook = o_proj.register_forward_pre_hook(lambda m, a: outputs.append(a[0]))
+    try:
+        with torch.no_grad(), iv.apply(model, "act", beta=beta, threshold=threshold,
+                                       heads=[[layer, h] for h in heads]) as handle:
+            model(**inputs)
+            assert handle.methods[0].sinks()[layer].any()  # the check is not vacuous
+    finally:
+        hook.remove()
+    assert fused_calls == [1]  # the one calibrated layer took the fused path
+    got = outputs[0].view(*expected.shape[:1], -1, *expected.shape[1:2], expected.shape[-1]).transpose(1, 2)
+    rows = valid[:, None, :, None]
+    torch.testing.assert_close(got.where(rows, 0), expected.where(rows, 0), atol=1e-10, rtol=0)
 
 
 # ---- ACT on hand-built maps, through the method's own hooks -----------------------------------------------------

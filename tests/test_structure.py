@@ -57,13 +57,46 @@ def test_last_row_methods_materialise_one_row_per_layer(materialised):
     assert materialised == [(1, 4, length)] * 2 + [(1, 4, length + 1)] * 2
 
 
+@pytest.fixture
+def explicit_rows(monkeypatch):
+    """The core's explicit blockwise path even where the fused one applies (the path of eager models, GPUs, stacks)."""
+    monkeypatch.setattr(attention, "FUSED_COLUMNS", False)
+
+
 @torch.no_grad()
-def test_act_materialises_only_its_heads(materialised):
+def test_act_materialises_only_its_sink_columns(monkeypatch, materialised):
+    model, inputs = _model("llama"), _llm_inputs(40)
+    fused, original = [], attention.fused.received_attention
+
+    def spy(query, key, lse, heads, *args):
+        fused.append(len(heads))
+        return original(query, key, lse, heads, *args)
+
+    monkeypatch.setattr(attention.fused, "received_attention", spy)
+    with iv.apply(model, "act", beta=0.5, threshold=0.05, heads=[[1, 0], [1, 3], [2, 2]]) as handle:
+        model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+        sinks = handle.methods[0].sinks()
+    # prefill: the column sums of the selected heads come from the fused kernel; the explicit logits are every
+    # prompt row of the selected heads (layer 1: 2, layer 2: 1) against the sink columns only; decode: one row
+    columns = [int(sinks[layer].any(1).any(0).sum()) for layer in (1, 2)]
+    assert fused == [2, 1] and all(0 < c < 40 for c in columns)
+    assert materialised == [(40, 2, columns[0]), (40, 1, columns[1]), (1, 2, 41), (1, 1, 41)]
+
+
+@torch.no_grad()
+def test_act_explicit_path_materialises_only_its_heads(materialised, explicit_rows):
     model, inputs = _model("llama"), _llm_inputs(40)
     with iv.apply(model, "act", beta=0.5, heads=[[1, 0], [1, 3], [2, 2]]):
         model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     # prefill: every prompt row of the selected heads only (layer 1: 2 heads, layer 2: 1 head); decode: one row
     assert materialised == [(40, 2, 40), (40, 1, 40), (1, 2, 41), (1, 1, 41)]
+
+
+def test_act_fused_path_equals_explicit_rows(monkeypatch):
+    model, inputs = _model("llama"), _llm_inputs()
+    fused = _act_logits(model, inputs)
+    monkeypatch.setattr(attention, "FUSED_COLUMNS", False)
+    torch.testing.assert_close(fused, _act_logits(model, inputs), atol=2e-5, rtol=2e-5)
 
 
 def _act_logits(model, inputs) -> torch.Tensor:
@@ -73,7 +106,7 @@ def _act_logits(model, inputs) -> torch.Tensor:
     return logits
 
 
-def test_blocked_rows_give_the_same_result_within_the_bound(monkeypatch, materialised):
+def test_blocked_rows_give_the_same_result_within_the_bound(monkeypatch, materialised, explicit_rows):
     model, inputs = _model("llama"), _llm_inputs()
     whole = _act_logits(model, inputs)
     assert {rows for rows, *_ in materialised} == {LONG}  # default bound: one block of every row
@@ -99,7 +132,7 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
-def test_blocked_rows_bound_the_extra_memory(monkeypatch):
+def test_blocked_rows_bound_the_extra_memory(monkeypatch, explicit_rows):
     model, inputs = _model("llama"), _llm_inputs()
     block = 4 * LONG * 8
     monkeypatch.setitem(attention.ROW_BLOCK_ELEMENTS, "cpu", block)
@@ -117,3 +150,22 @@ def test_blocked_rows_bound_the_extra_memory(monkeypatch):
     full_map = 4 * LONG * LONG * 4  # (heads, L, L) float32
     assert blocked - plain <= 8 * block * 4  # a few block-sized temporaries, whatever the prompt length
     assert whole - plain >= 2 * full_map  # without blocks: several (heads, L, L) maps at once
+
+
+def test_fused_path_extra_memory_is_linear_in_the_prompt():
+    model, inputs = _model("llama"), _llm_inputs()
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def prefill():
+        with torch.no_grad():
+            model(**inputs, logits_to_keep=1)
+
+    plain = _peak_bytes(prefill)
+    with iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]):
+        prefill()  # warm-up
+        fused = _peak_bytes(prefill)
+    per_head_rows = config.num_attention_heads * LONG * (head_dim + 1) * 4  # one (heads, L, head_dim + 1) float32
+    full_map = config.num_attention_heads * LONG * LONG * 4
+    assert 8 * per_head_rows < full_map  # the bound below is meaningful: it excludes even one (heads, L, L) map
+    assert fused - plain <= 8 * per_head_rows

@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from . import fused
 from .rows import RowLogits, allowed_keys, row_logits, row_output
 
 if TYPE_CHECKING:
@@ -49,6 +50,9 @@ ROW_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
 
 #: counts calls per dispatch path; tests assert on it to prove untouched layers still run the base backend
 DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
+
+#: use the fused kernel for layers whose requests are all `columns` requests (off: the explicit rows, for tests)
+FUSED_COLUMNS = True
 
 
 def base_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
@@ -92,11 +96,15 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     requests = [(m, r) for m in editors if "rows" in m.needs and (r := m.request(call)) is not None]
     head_editors = [m for m in editors if "head_outputs" in m.needs]
     DISPATCH_COUNTS["edited" if requests or head_editors or attention_mask is not given_mask else "base"] += 1
-    out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                **kwargs)
-    if requests or want_weights:
-        out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, out, weights,
-                                  want_weights, kwargs.get("softcap"))
+    if requests and not want_weights and _fusable(binding, module, requests, query, key, attention_mask, dropout,
+                                                  kwargs):
+        out, weights = _edit_columns(call, requests, query, key, value, attention_mask, scaling), None
+    else:
+        out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
+        if requests or want_weights:
+            out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, out, weights,
+                                      want_weights, kwargs.get("softcap"))
     for method in head_editors:
         out = method.edit_head_outputs(call, out)
     return out, weights
@@ -120,6 +128,69 @@ def _edit_mask(call: AttentionCall, editors: list[Method], attention_mask: torch
     dtype = query.dtype if additive is None else additive.dtype
     keep = torch.zeros((), dtype=dtype, device=query.device) if additive is None else additive.masked_fill(~allowed, 0)
     return torch.where(edited, keep, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=query.device))
+
+
+def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Method, RowRequest]],
+             query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+             kwargs: dict[str, Any]) -> bool:
+    """The fused path applies: every request is an editing `columns` one, the base is SDPA and a fused kernel with
+    log-sum-exp runs these inputs, the call is a plain causal (or masked) one, and it has several rows (a single
+    decode row is cheap explicitly, and the explicit path keeps the other heads on SDPA's own GQA decode kernel;
+    under grad mode the explicit path, as the log-sum-exp carries no gradient)."""
+    if not FUSED_COLUMNS or binding.session.base != "sdpa" or dropout or query.shape[2] == 1 \
+            or torch.is_grad_enabled():
+        return False
+    if any(not r.columns or r.read_only or r.grad for _, r in requests):
+        return False
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True) or kwargs.get("position_bias") \
+            is not None or kwargs.get("s_aux") is not None:
+        return False
+    if attention_mask is None and query.shape[2] != key.shape[2]:  # a static cache's prefill: keys get cropped
+        return False
+    return fused.available(query, attention_mask)
+
+
+def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,
+                  key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float) -> torch.Tensor:
+    """The fused path of `columns` requests: one fused call gives every head's output and each row's log-sum-exp;
+    `observe` requests get the attention each key receives from a second, transposed fused call; `edit` sees only
+    the columns the methods name, and a bias `b` there gives exactly, with `P` the columns' probabilities before it
+    and `δ = P·(e^b − 1)`, `O' = (O + δ·V_cols) / (1 + Σ δ)`."""
+    out, lse = fused.attention_with_lse(query, key, value, attention_mask, scaling)
+    batch, num_heads, q_len, _ = query.shape
+    groups = num_heads // key.shape[1]
+    causal = attention_mask is None
+    allowed, additive = allowed_keys(attention_mask, batch, q_len, key.shape[2], query.device)
+    valid_rows = call.roles.valid[:, call.query_positions]
+    for method, request in requests:
+        if request.observe:
+            heads = _arange(num_heads, query.device) if request.heads is None else request.heads.sort().values
+            counted = valid_rows & request.rows
+            received = fused.received_attention(query, key, lse, heads, scaling, allowed, causal, counted)
+            if causal:  # key j is seen by the counted rows i >= j
+                count = counted.flip(-1).cumsum(-1).flip(-1)[:, None]
+            else:
+                count = (allowed & counted[:, None, :, None]).sum(2)
+            method.observe_received(call, received, count, request)
+    columns = torch.cat([m.edit_columns(call, r) for m, r in requests]).unique()
+    if columns.numel() == 0:
+        return out
+    rows_local, heads = _rows_and_heads(requests, q_len, num_heads, query.device, everything=False)
+    logits = row_logits(query, key, heads, rows_local, groups, scaling, additive, None, columns=columns)
+    view = RowLogits(logits=logits, allowed=allowed[..., columns][:, :, rows_local], heads=heads,
+                     rows=call.query_positions[rows_local], columns=columns,
+                     lse=lse[:, heads][:, :, rows_local, None].to(logits.dtype))
+    before = view.probs()
+    for method, request in requests:
+        method.edit(call, view, request)
+    delta = view.probs() - before  # (batch, heads, rows, columns)
+    v = value[:, torch.div(heads, groups, rounding_mode="floor")][:, :, columns].to(delta.dtype)
+    where = (slice(None), rows_local[:, None], heads)
+    base = out[where].transpose(1, 2).to(delta.dtype)  # (batch, heads, rows, head_dim)
+    edited = (base + torch.matmul(delta, v)) / (1 + delta.sum(-1, keepdim=True))
+    out[where] = edited.transpose(1, 2).to(out.dtype)
+    return out
 
 
 def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,

@@ -52,6 +52,11 @@ class RowRequest:
             many rows may be computed in blocks of bounded memory.
         grad (`bool`): the method differentiates a later loss with respect to these rows' final probabilities;
             with grad mode on, the core hands them to `Method.grad_probs` (see there).
+        columns (`bool`): the method's bias falls only on the few key columns `Method.edit_columns` names, and its
+            `observe` needs only the attention each key receives (`Method.observe_received`). Where every request
+            of a layer says so and a fused kernel with row log-sum-exp is available (`core/fused.py`), the core
+            keeps the layer on that kernel, hands `edit` a view of those columns only, and corrects the output in
+            closed form; otherwise it uses the explicit rows as for any request.
     """
 
     rows: torch.Tensor
@@ -63,3 +68,5 @@ class RowRequest:
     #: the method's `observe` and `edit` read each row on its own, so the core may hand the rows over in blocks
     blockwise: bool = False
     grad: bool = False
+    #: the bias touches only `Method.edit_columns`: the core may use the fused kernel and a closed-form correction
+    columns: bool = False

@@ -22,12 +22,18 @@ class RowLogits:
         allowed (`torch.BoolTensor` of shape `(batch, 1, rows, kv_len)`): keys each row may attend to.
         heads (`torch.LongTensor` of shape `(heads,)`): query-head indices of dimension 1.
         rows (`torch.LongTensor` of shape `(rows,)`): absolute positions of the rows.
+        columns (`torch.LongTensor` of shape `(keys,)`, *optional*): the key columns of the last dimension when
+            the view holds only some of them (`RowRequest.columns`); `None`: every key, `keys == kv_len`.
+        lse (`torch.Tensor` of shape `(batch, heads, rows, 1)`, *optional*): with `columns`, each row's
+            log-sum-exp over all its keys before any edit, so that `probs()` are the columns' true probabilities.
     """
 
     logits: torch.Tensor
     allowed: torch.Tensor
     heads: torch.Tensor
     rows: torch.Tensor
+    columns: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
     _probs: torch.Tensor | None = field(default=None, repr=False)
 
     def add_bias(self, bias: torch.Tensor) -> None:
@@ -36,9 +42,14 @@ class RowLogits:
         self._probs = None
 
     def probs(self) -> torch.Tensor:
-        """Current attention probabilities, `(batch, heads, rows, kv_len)`; masked keys are exactly 0."""
+        """Current attention probabilities, `(batch, heads, rows, keys)`; masked keys are exactly 0. For a view of
+        some columns: `exp(logits − lse)`, each column's probability in the row before the others are renormalised
+        around this view's biases."""
         if self._probs is None:
-            self._probs = masked_softmax(self.logits, self.allowed)
+            if self.lse is None:
+                self._probs = masked_softmax(self.logits, self.allowed)
+            else:
+                self._probs = torch.exp(self.logits - self.lse).masked_fill(~self.allowed, 0)
         return self._probs
 
 
@@ -81,13 +92,18 @@ _cached_causal = functools.lru_cache(maxsize=8)(_causal)
 
 
 def row_logits(query: torch.Tensor, key: torch.Tensor, heads: torch.Tensor, rows_local: torch.Tensor,
-               kv_groups: int, scaling: float, additive: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
-    """Scaled logits `(batch, len(heads), len(rows), kv_len)` for chosen query heads and rows, in float32 or wider.
+               kv_groups: int, scaling: float, additive: torch.Tensor | None, softcap: float | None,
+               columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled logits `(batch, len(heads), len(rows), kv_len)` for chosen query heads and rows, in float32 or wider;
+    with `columns` (key indices), only those keys: `(..., len(columns))`.
 
     `heads` are distinct and ascending. Key heads are shared by `kv_groups` query heads (GQA): with every query head,
     the query rows of a group are stacked against their one key head (no copy of the keys); a subset of heads
     gathers only the key heads it uses.
     """
+    if columns is not None:
+        key = key[:, :, columns]
+        additive = None if additive is None else additive[..., columns]
     dtype = torch.promote_types(query.dtype, torch.float32)
     # the scale goes on the (rows, head_dim) queries, not on the (rows, kv_len) logits
     if _all_heads(heads, query.shape[1]):

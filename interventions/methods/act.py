@@ -96,8 +96,11 @@ class Act(Method):
             rows = rows | (call.query_positions < call.roles.prompt_len)
         if not bool(rows.any()):
             return None
-        # the column means need every prompt row: they are summed block by block (`observe`) before any edit
-        return RowRequest(rows, self._heads[call.layer].to(rows.device), observe=call.covers_prompt, blockwise=True)
+        # the column means need every prompt row: they are summed block by block (`observe`) before any edit; the
+        # edit biases only the sink columns, so a call of exactly the prompt (or decode rows) may take the fused path
+        exact_prompt = call.query_positions.shape[0] == call.roles.prompt_len
+        return RowRequest(rows, self._heads[call.layer].to(rows.device), observe=call.covers_prompt, blockwise=True,
+                          columns=exact_prompt or not call.covers_prompt)
 
     def observe(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         """Add this block's attention received by each prompt key, and the valid prompt rows that see it."""
@@ -112,17 +115,34 @@ class Act(Method):
             received, count = (a + b for a, b in zip(self._columns[call.layer], (received, count)))
         self._columns[call.layer] = (received, count)
 
-    def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
-        roles, prompt_len = call.roles, call.roles.prompt_len
-        probs = view.probs()
-        selected = torch.isin(view.heads, request.heads)
-        if call.layer in self._columns:  # the first block after `observe` saw every prompt row
-            found = self._find_sinks(*self._columns.pop(call.layer), view.heads, selected, roles)
-            first = torch.nn.functional.one_hot(found.int().argmax(-1), prompt_len).bool()
+    def observe_received(self, call: AttentionCall, received: torch.Tensor, count: torch.Tensor,
+                         request: RowRequest) -> None:
+        """The fused path's column sums (the call is exactly the prompt): attention received and rows counted."""
+        self._columns[call.layer] = (received, count)
+
+    def edit_columns(self, call: AttentionCall, request: RowRequest) -> torch.Tensor:
+        heads = request.heads.sort().values
+        self._settle_sinks(call, heads, torch.ones_like(heads, dtype=torch.bool))
+        return self._sinks[call.layer].any(1).any(0).nonzero().squeeze(1)
+
+    def _settle_sinks(self, call: AttentionCall, heads: torch.Tensor, selected: torch.Tensor) -> None:
+        """After the last observed block (or the fused column sums): find this layer's sinks, drop each first one."""
+        if call.layer in self._columns:
+            found = self._find_sinks(*self._columns.pop(call.layer), heads, selected, call.roles)
+            first = torch.nn.functional.one_hot(found.int().argmax(-1), call.roles.prompt_len).bool()
             self._detected[call.layer] = found
             self._sinks[call.layer] = found & ~first
+
+    def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
+        prompt_len = call.roles.prompt_len
+        probs = view.probs()
+        selected = torch.isin(view.heads, request.heads)
+        self._settle_sinks(call, view.heads, selected)
         sinks = self._sinks[call.layer][:, view.heads]  # (batch, heads, prompt_len)
-        sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
+        if view.columns is None:
+            sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
+        else:  # a view of some key columns, which are all prompt keys (edit_columns named sinks only)
+            sinks = sinks[:, :, None, view.columns]
         mass = torch.matmul(probs, sinks.to(probs.dtype).transpose(-1, -2))  # (batch, heads, rows, 1)
         beta = self.config.beta
         bias = torch.log(beta * (1 - mass) / (1 - beta * mass))

@@ -94,6 +94,18 @@ class Method:
         """Edit `view` (add a bias) for the rows and heads of `request`; `view` may hold more rows and heads, and,
         when the rows are many, only a block of them (each block is edited in turn)."""
 
+    def observe_received(self, call: AttentionCall, received: torch.Tensor, count: torch.Tensor,
+                         request: RowRequest) -> None:
+        """For an `observe` + `columns` request on the fused path, instead of `observe`: the attention each key
+        receives from the request's rows that are valid (not padding), `(batch, heads, kv_len)` for the request's
+        heads (all heads when it names none), and how many of those rows may see each key, `(batch, 1, kv_len)`."""
+        raise NotImplementedError(f"{self.name}: a columns request needs observe_received")
+
+    def edit_columns(self, call: AttentionCall, request: RowRequest) -> torch.Tensor:
+        """For a `columns` request on the fused path, after any `observe_received`: the key columns (a LongTensor of
+        indices, possibly empty) that `edit` may bias in this call, over every batch element and head."""
+        raise NotImplementedError(f"{self.name}: a columns request needs edit_columns")
+
     def grad_probs(self, call: AttentionCall, probs: torch.Tensor, request: RowRequest) -> None:
         """For a `grad` request, when grad mode is on: the final probabilities (after every method's edit) of the
         request's rows and heads, in increasing order, `(batch, heads, rows, kv_len)`. It is an autograd leaf on
