@@ -47,6 +47,20 @@ def test_decode_steps_keep_untouched_layers_on_sdpa():
 
 
 @torch.no_grad()
+def test_decode_rows_edited_in_every_head_skip_the_base_kernel(monkeypatch):
+    model = _model("llava")
+    inputs = make_inputs(model, "llava", [Prompt(3, 5, seed=1)])
+    kernel_calls, kernel = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda query, *a, **k: kernel_calls.append(query.shape[2]) or kernel(query, *a, **k))
+    with iv.apply(model, "pai", alpha=0.5, start_layer=1):
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    decode_calls = [q_len for q_len in kernel_calls if q_len == 1]
+    # 2 decode steps: layer 0 on SDPA; layers 1 and 2 rewrite their one row in every head, so their SDPA call is skipped
+    assert len(decode_calls) == 2
+
+
+@torch.no_grad()
 def test_last_row_methods_materialise_one_row_per_layer(materialised):
     model = _model("llava")
     inputs = make_inputs(model, "llava", [Prompt(3, 5, seed=1)])

@@ -99,6 +99,9 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     if requests and not want_weights and _fusable(binding, module, requests, query, key, attention_mask, dropout,
                                                   kwargs):
         out, weights = _edit_columns(call, requests, query, key, value, attention_mask, scaling), None
+    elif _rewrites_everything(requests, query, attention_mask, want_weights):
+        out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, None, None, False,
+                                  kwargs.get("softcap"))
     else:
         out, weights = binding.base(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
@@ -128,6 +131,15 @@ def _edit_mask(call: AttentionCall, editors: list[Method], attention_mask: torch
     dtype = query.dtype if additive is None else additive.dtype
     keep = torch.zeros((), dtype=dtype, device=query.device) if additive is None else additive.masked_fill(~allowed, 0)
     return torch.where(edited, keep, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=query.device))
+
+
+def _rewrites_everything(requests: list[tuple[Method, RowRequest]], query: torch.Tensor,
+                         attention_mask: torch.Tensor | None, want_weights: bool) -> bool:
+    """A decode step whose one row some request edits in every head: the explicit row replaces the whole output,
+    so the base backend's call would be thrown away (the row always sees a key: the new token itself)."""
+    if want_weights or query.shape[2] != 1:
+        return False
+    return any(r.heads is None and not r.read_only and not r.grad and bool(r.rows[0]) for _, r in requests)
 
 
 def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Method, RowRequest]],
@@ -231,7 +243,9 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
             view = views[i] if views is not None else view_of(block)
             for method, request in observing:
                 method.observe(call, view, request)
-    if editing and torch.is_grad_enabled():
+    if out is None:  # the edits rewrite every row and head (`_rewrites_everything`): no base output to start from
+        out = query.new_zeros(batch, q_len, num_heads, value.shape[-1])
+    elif editing and torch.is_grad_enabled():
         out = out.clone()  # the base output may be saved for backward; otherwise it is ours to overwrite
     all_probs = []
     tracked = [(m, r) for m, r in requests if r.grad] if torch.is_grad_enabled() else []
