@@ -11,11 +11,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 from tiny_models import IMAGE_ID, Prompt, build_model, make_inputs
+from transformers.integrations.sdpa_attention import repeat_kv
 
 import interventions as iv
-from interventions.core import attention
+from interventions.core import attention, fused
 from interventions.methods.base import METHODS, Method, ModelInfo
-from interventions.methods.cca_geometry import Grid, build_layout, concentric_allowed, concentric_positions
+from interventions.methods.cca_geometry import (
+    Grid,
+    build_layout,
+    concentric_allowed,
+    concentric_positions,
+)
 from interventions.methods.cca_grids import llava_next_blocks, place_grids
 from interventions.methods.params import MethodConfig, number, param
 
@@ -399,3 +405,36 @@ def test_errors():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
         with pytest.raises(ValueError, match="needs input_ids"):
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_ranked_kernel_equals_dense_rank_mask():
+    """`fused.ranked_attention` (causal kernel in rank order + ties) against one dense masked softmax, float64."""
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 37, 8
+    q, k, v = (torch.randn(batch, h, length, dim, generator=generator, dtype=torch.float64)
+               for h in (heads, kv_heads, kv_heads))
+    rank = torch.arange(length).repeat(batch, 1)
+    rank[0, 5:17] = 5 + torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 3, 3, 1, 0])  # rings of one grid, out of order
+    rank[1, 20:30] = 20 + torch.randint(0, 4, (10,), generator=generator)
+    got = fused.ranked_attention(q, k, v, rank, 0.3)
+    allowed = rank[:, None, None, :] <= rank[:, None, :, None]
+    logits = (q @ repeat_kv(k, 2).transpose(-1, -2) * 0.3).masked_fill(~allowed, float("-inf"))
+    expected = (torch.softmax(logits, -1) @ repeat_kv(v, 2)).transpose(1, 2)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
+@torch.no_grad()
+def test_single_prompt_uses_ranked_kernel_and_equals_dense_mask(family, monkeypatch):
+    model = build_model(family, dtype=torch.float64)
+    inputs = make_inputs(model, family, PROMPTS[:1])
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
+    ranked = []
+    original = attention.fused.ranked_attention
+    monkeypatch.setattr(attention.fused, "ranked_attention", lambda *a: ranked.append(1) or original(*a))
+    with iv.apply(model, "cca"):
+        got = model(**inputs).logits
+        assert len(ranked) == model.config.get_text_config().num_hidden_layers  # every layer: no dense mask
+        monkeypatch.setattr(attention, "FUSED", False)
+        expected = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)

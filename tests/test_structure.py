@@ -74,7 +74,7 @@ def test_last_row_methods_materialise_one_row_per_layer(materialised):
 @pytest.fixture
 def explicit_rows(monkeypatch):
     """The core's explicit blockwise path even where the fused one applies (the path of eager models, GPUs, stacks)."""
-    monkeypatch.setattr(attention, "FUSED_COLUMNS", False)
+    monkeypatch.setattr(attention, "FUSED", False)
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def test_act_explicit_path_materialises_only_its_heads(materialised, explicit_ro
 def test_act_fused_path_equals_explicit_rows(monkeypatch):
     model, inputs = _model("llama"), _llm_inputs()
     fused = _act_logits(model, inputs)
-    monkeypatch.setattr(attention, "FUSED_COLUMNS", False)
+    monkeypatch.setattr(attention, "FUSED", False)
     torch.testing.assert_close(fused, _act_logits(model, inputs), atol=2e-5, rtol=2e-5)
 
 

@@ -51,8 +51,9 @@ ROW_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
 #: counts calls per dispatch path; tests assert on it to prove untouched layers still run the base backend
 DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
 
-#: use the fused kernel for layers whose requests are all `columns` requests (off: the explicit rows, for tests)
-FUSED_COLUMNS = True
+#: use the fused paths where they apply (`columns` requests, ranked masks); off: explicit rows and dense masks, as
+#: on every other backend (tests compare the two)
+FUSED = True
 
 
 def base_attention(module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
@@ -90,14 +91,21 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             if editors or want_weights else None)
     given_mask = attention_mask
     mask_editors = [m for m in editors if "mask" in m.needs]
-    if mask_editors:
-        attention_mask = _edit_mask(call, mask_editors, attention_mask, query, key.shape[2],
-                                    eager=binding.session.base == "eager")
     requests = [(m, r) for m in editors if "rows" in m.needs and (r := m.request(call)) is not None]
     head_editors = [m for m in editors if "head_outputs" in m.needs]
-    DISPATCH_COUNTS["edited" if requests or head_editors or attention_mask is not given_mask else "base"] += 1
-    if requests and not want_weights and _fusable(binding, module, requests, query, key, attention_mask, dropout,
-                                                  kwargs):
+    ranks = None
+    if len(mask_editors) == 1 and not requests and not want_weights and attention_mask is None \
+            and _fused_kernel_applies(binding, module, query, key, attention_mask, dropout, kwargs):
+        ranks = mask_editors[0].mask_ranks(call)
+    if mask_editors and ranks is None:
+        attention_mask = _edit_mask(call, mask_editors, attention_mask, query, key.shape[2],
+                                    eager=binding.session.base == "eager")
+    edited = requests or head_editors or ranks is not None or attention_mask is not given_mask
+    DISPATCH_COUNTS["edited" if edited else "base"] += 1
+    if ranks is not None:
+        out, weights = fused.ranked_attention(query, key, value, ranks, scaling), None
+    elif requests and not want_weights and _fusable(binding, module, requests, query, key, attention_mask, dropout,
+                                                    kwargs):
         out, weights = _edit_columns(call, requests, query, key, value, attention_mask, scaling), None
     elif _rewrites_everything(requests, query, attention_mask, want_weights):
         out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, None, None, False,
@@ -142,17 +150,12 @@ def _rewrites_everything(requests: list[tuple[Method, RowRequest]], query: torch
     return any(r.heads is None and not r.read_only and not r.grad and bool(r.rows[0]) for _, r in requests)
 
 
-def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Method, RowRequest]],
-             query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
-             kwargs: dict[str, Any]) -> bool:
-    """The fused path applies: every request is an editing `columns` one, the base is SDPA and a fused kernel with
-    log-sum-exp runs these inputs, the call is a plain causal (or masked) one, and it has several rows (a single
-    decode row is cheap explicitly, and the explicit path keeps the other heads on SDPA's own GQA decode kernel;
-    under grad mode the explicit path, as the log-sum-exp carries no gradient)."""
-    if not FUSED_COLUMNS or binding.session.base != "sdpa" or dropout or query.shape[2] == 1 \
-            or torch.is_grad_enabled():
-        return False
-    if any(not r.columns or r.read_only or r.grad for _, r in requests):
+def _fused_kernel_applies(binding: Binding, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float, kwargs: dict[str, Any]) -> bool:
+    """A fused path may replace the base call: the base is SDPA and a fused kernel with log-sum-exp runs these inputs,
+    the call is a plain causal (or masked) one without gradients (the log-sum-exp carries none), and it has several
+    rows (a single decode row is cheap explicitly, and keeps the other heads on SDPA's own GQA decode kernel)."""
+    if not FUSED or binding.session.base != "sdpa" or dropout or query.shape[2] == 1 or torch.is_grad_enabled():
         return False
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True) or kwargs.get("position_bias") \
             is not None or kwargs.get("s_aux") is not None:
@@ -160,6 +163,15 @@ def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Met
     if attention_mask is None and query.shape[2] != key.shape[2]:  # a static cache's prefill: keys get cropped
         return False
     return fused.available(query, attention_mask)
+
+
+def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Method, RowRequest]],
+             query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
+             kwargs: dict[str, Any]) -> bool:
+    """The `columns` path applies: every request is an editing `columns` one, and a fused kernel applies."""
+    if any(not r.columns or r.read_only or r.grad for _, r in requests):
+        return False
+    return _fused_kernel_applies(binding, module, query, key, attention_mask, dropout, kwargs)
 
 
 def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,

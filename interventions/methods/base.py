@@ -117,6 +117,12 @@ class Method:
         write into it); return a new mask for the base backend and every later edit, or None to keep it."""
         return None
 
+    def mask_ranks(self, call: AttentionCall) -> torch.Tensor | None:
+        """For a mask editor whose mask, on a plain causal call, is exactly `rank(k) <= rank(q)` (equal ranks see each
+        other): the `(batch, kv_len)` ranks, or None. The core then keeps SDPA's causal kernel (in rank order, plus
+        the ties) instead of a dense masked call; `edit_mask` still serves every other call."""
+        return None
+
     def edit_head_outputs(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """Per-head attention outputs before `o_proj`, `(batch, q_len, heads, head_dim)`; return the edited ones."""
         return out

@@ -21,7 +21,13 @@ import torch
 from ..core.roles import TokenRoles
 from ..errors import ConfigError, InputError
 from .base import METHODS, AttentionCall, Method, ModelInfo
-from .cca_geometry import Layout, build_layout, concentric_allowed, concentric_positions
+from .cca_geometry import (
+    Layout,
+    build_layout,
+    concentric_allowed,
+    concentric_positions,
+    concentric_ranks,
+)
 from .cca_grids import LAYOUT_INPUTS, fixed_grid, llava_next_blocks, place_grids
 from .params import MethodConfig, boolean, param
 
@@ -88,4 +94,9 @@ class Cca(Method):
         if not self.config.concentric_mask:
             return None
         return concentric_allowed(self._layout, allowed, call.query_positions)
+
+    def mask_ranks(self, call: AttentionCall) -> torch.Tensor | None:
+        if not self.config.concentric_mask:
+            return None
+        return concentric_ranks(self._layout, call.query_positions.shape[0])
 

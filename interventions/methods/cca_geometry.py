@@ -119,6 +119,19 @@ def concentric_allowed(layout: Layout, allowed: torch.Tensor, query_positions: t
     return torch.where(same[:, None], rule[:, None], allowed)
 
 
+def concentric_ranks(layout: Layout, kv_len: int) -> torch.Tensor | None:
+    """Ranks `(batch, kv_len)` with which the concentric mask on a causal prefill is `rank(k) <= rank(q)`: a text
+    token's index, an image token's grid start plus its ring (a grid fits in `[start, start + rings)`, below the
+    text after it); None when no token is an image token."""
+    ring, segment = _fit(layout.ring, kv_len), _fit(layout.segment, kv_len)
+    if not bool((ring >= 0).any()):
+        return None
+    index = torch.arange(kv_len, device=ring.device).expand_as(ring)
+    starts = (segment >= 0) & (segment != torch.nn.functional.pad(segment, (1, 0), value=-1)[:, :-1])
+    start = torch.where(starts, index, 0).cummax(1).values
+    return torch.where(ring >= 0, start + ring, index)
+
+
 def _fit(x: torch.Tensor, length: int) -> torch.Tensor:
     """`x` cut or padded with -1 (not an image token) to `length` columns (keys beyond the prompt, static caches)."""
     if x.shape[1] >= length:
