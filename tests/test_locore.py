@@ -56,6 +56,7 @@ def _run_toy(logits: torch.Tensor, prompt_len: int, image: list[int], **params) 
     roles = TokenRoles(valid, flags, torch.zeros_like(valid), prompt_len)
     method = Locore(LocoreConfig(**{"beta": 0.5, **params}))
     method.bind(ModelInfo("test", num_layers=1, num_heads=heads, num_kv_heads=heads, has_images=True))
+    method.start_sequence(roles)  # as the core does before the first forward of a sequence
     call = AttentionCall(0, roles, torch.arange(length))
     request = method.request(call)
     allowed = torch.ones(length, length, dtype=torch.bool).tril().view(1, 1, length, length)

@@ -242,8 +242,10 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
         head_pick = torch.isin(heads, write_heads)
 
     def view_of(block: torch.Tensor) -> RowLogits:
+        every_row = len(block) == q_len  # distinct indices: all rows in order (a decode step), nothing to gather
         return RowLogits(logits=row_logits(query, key, heads, block, groups, scaling, additive, softcap),
-                         allowed=allowed[:, :, block], heads=heads, rows=call.query_positions[block])
+                         allowed=allowed if every_row else allowed[:, :, block], heads=heads,
+                         rows=call.query_positions if every_row else call.query_positions[block])
 
     per_row = batch * len(heads) * key.shape[2]
     budget = ROW_BLOCK_ELEMENTS.get(query.device.type, ROW_BLOCK_ELEMENTS["cpu"])
@@ -255,9 +257,8 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
             view = views[i] if views is not None else view_of(block)
             for method, request in observing:
                 method.observe(call, view, request)
-    if out is None:  # the edits rewrite every row and head (`_rewrites_everything`): no base output to start from
-        out = query.new_zeros(batch, q_len, num_heads, value.shape[-1])
-    elif editing and torch.is_grad_enabled():
+    rewrite = out is None  # the edits rewrite the one row in every head (`_rewrites_everything`): no base output
+    if editing and not rewrite and torch.is_grad_enabled():
         out = out.clone()  # the base output may be saved for backward; otherwise it is ours to overwrite
     all_probs = []
     tracked = [(m, r) for m, r in requests if r.grad] if torch.is_grad_enabled() else []
@@ -279,6 +280,9 @@ def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], q
             probs, rows = probs[:, head_pick][:, :, row_pick], block[row_pick]
             block_allowed = block_allowed[:, :, row_pick]
         edited = row_output(probs, value, write_heads, groups).transpose(1, 2)  # (batch, rows, heads, head_dim)
+        if rewrite:
+            out = edited.to(query.dtype).contiguous()
+            continue
         where = (slice(None), rows) if len(write_heads) == num_heads else (slice(None), rows[:, None], write_heads)
         if attention_mask is None:  # causal: every row sees a key
             out[where] = edited.to(out.dtype)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
 from .params import MethodConfig, boolean, int_list, number, optional, param
@@ -65,6 +66,12 @@ class Locore(Method):
         self.touched_layers = frozenset() if self.beta == 0 else layers
         self._first_row_offset = 1 if cfg.apply_on_prefill_last_row else 0
 
+    def start_sequence(self, roles: TokenRoles) -> None:
+        # J starts after the sample's last image token (Sys_L + Img_L); 0 without an image. Generated tokens are
+        # text, so the prompt's value holds for the whole sequence
+        keys = torch.arange(roles.length, device=roles.image.device)
+        self._text_start = torch.where(roles.image, keys, -1).amax(1) + 1  # (batch,)
+
     def _edited(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
         return positions >= prompt_len - self._first_row_offset
 
@@ -79,11 +86,8 @@ class Locore(Method):
         distance = view.rows[:, None] - keys[None, :]  # (rows, kv_len)
         window = (distance >= (0 if cfg.include_self else 1)) & (distance <= cfg.window)
         window &= self._edited(view.rows, roles.prompt_len)[:, None]
-        # J starts after the sample's last image token (Sys_L + Img_L); 0 without an image
-        text_start = torch.where(roles.image, keys, -1).amax(1) + 1  # (batch,)
-        where = window[None] & (keys[None, None, :] >= text_start[:, None, None])  # (batch, rows, kv_len)
-        bias = torch.tensor(math.log1p(self.beta), dtype=view.logits.dtype, device=view.logits.device)
-        view.add_bias(torch.where(where[:, None], bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
+        where = window[None] & (keys[None, None, :] >= self._text_start[:, None, None])  # (batch, rows, kv_len)
+        view.add_bias(where[:, None].to(view.logits.dtype) * math.log1p(self.beta))
 
 
 def family_beta(family: str) -> float:

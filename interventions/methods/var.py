@@ -127,6 +127,9 @@ class Var(Method):
 
     def start_sequence(self, roles: TokenRoles) -> None:
         self._sinks = {}
+        # each sample's first image position (generated tokens are text, so it holds for the whole sequence)
+        keys = torch.arange(roles.length, device=roles.image.device)
+        self._first_image = torch.where(roles.image, keys, torch.iinfo(torch.long).max).amin(1, keepdim=True)
 
     def sinks(self) -> dict[int, torch.Tensor]:
         """Sink tokens of the current sequence, `{layer: (batch, length) bool}` (text and visual)."""
@@ -156,12 +159,9 @@ class Var(Method):
             raise ConfigError(f"var: sink_dims {list(self.dims)} out of range for hidden size {size}")
 
     # ---- steps B and C: rows, head selection, redistribution as a bias ------------------------------------------
-    @staticmethod
-    def _text_after_image(roles: TokenRoles, positions: torch.Tensor) -> torch.Tensor:
+    def _text_after_image(self, roles: TokenRoles, positions: torch.Tensor) -> torch.Tensor:
         """`(batch, len(positions))` bool: valid non-image positions after the sample's first image token."""
-        keys = torch.arange(roles.length, device=positions.device)
-        first = torch.where(roles.image, keys, roles.length).amin(1, keepdim=True)
-        return roles.valid[:, positions] & ~roles.image[:, positions] & (positions[None] > first)
+        return roles.valid[:, positions] & ~roles.image[:, positions] & (positions[None] > self._first_image)
 
     def request(self, call: AttentionCall) -> RowRequest | None:
         rows = self._text_after_image(call.roles, call.query_positions).any(0)
@@ -175,11 +175,12 @@ class Var(Method):
         image = roles.image[:, None, None, :]
         visual_non_sink = image & ~sinks
         probs = view.probs()
-        s_vis = (probs * image).sum(-1)  # (batch, heads, rows)
-        s_ns = (probs * visual_non_sink).sum(-1)
-        s_sink = (probs * sinks).sum(-1)
+        # the rows' mass on each key set at once: (batch, heads, rows, sets)
+        sets = [image, visual_non_sink, sinks] + ([image & sinks] if self._official else [])
+        masses = torch.matmul(probs, torch.stack(sets, -1)[:, :, 0].to(probs.dtype)).unbind(-1)
+        s_vis, s_ns, s_sink = masses[:3]
         if self._official:
-            s_vis_sink = (probs * (image & sinks)).sum(-1)
+            s_vis_sink = masses[3]
             n_vis = image.sum(-1)
             centric = s_vis_sink / (s_vis + n_vis * OFFICIAL_EPS) <= 1 - cfg.rho
             centric &= (image & sinks).any(-1)  # the code selects nothing in a layer without visual sinks
