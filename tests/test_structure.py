@@ -146,15 +146,17 @@ def _peak_bytes(fn) -> int:
     return peak
 
 
+def _prefill(model, inputs) -> None:
+    with torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+
+
 def test_blocked_rows_bound_the_extra_memory(monkeypatch, explicit_rows):
     model, inputs = _model("llama"), _llm_inputs()
     block = 4 * LONG * 8
     monkeypatch.setitem(attention.ROW_BLOCK_ELEMENTS, "cpu", block)
 
-    def prefill():
-        with torch.no_grad():
-            model(**inputs, logits_to_keep=1)
-
+    prefill = functools.partial(_prefill, model, inputs)
     plain = _peak_bytes(prefill)
     with iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]):
         prefill()  # warm-up
@@ -171,10 +173,7 @@ def test_fused_path_extra_memory_is_linear_in_the_prompt():
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
 
-    def prefill():
-        with torch.no_grad():
-            model(**inputs, logits_to_keep=1)
-
+    prefill = functools.partial(_prefill, model, inputs)
     plain = _peak_bytes(prefill)
     with iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]):
         prefill()  # warm-up
