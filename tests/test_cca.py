@@ -430,6 +430,7 @@ def test_single_prompt_uses_ranked_kernel_and_equals_dense_mask(family, monkeypa
     inputs = make_inputs(model, family, PROMPTS[:1])
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.float64)
     ranked = []
+    monkeypatch.setattr(attention, "RANKED_MIN_LENGTH", 1)  # the tiny prompts are far shorter than the default
     original = attention.fused.ranked_attention
     monkeypatch.setattr(attention.fused, "ranked_attention", lambda *a: ranked.append(1) or original(*a))
     with iv.apply(model, "cca"):

@@ -51,6 +51,11 @@ ROW_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 20, "cuda": 1 << 24}
 #: counts calls per dispatch path; tests assert on it to prove untouched layers still run the base backend
 DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
 
+#: shortest call for which a ranked mask runs as unmasked calls in rank order: below it the few extra kernel calls
+#: cost more than the masked half of a dense call saves (organism, 49 tokens: 1.49× vs 1.24× for CCA's prefill;
+#: 613 tokens: 0.98× vs 1.08×; benchmarks/overhead.py)
+RANKED_MIN_LENGTH = 256
+
 #: use the fused paths where they apply (`columns` requests, ranked masks); off: explicit rows and dense masks, as
 #: on every other backend (tests compare the two)
 FUSED = True
@@ -95,6 +100,7 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     head_editors = [m for m in editors if "head_outputs" in m.needs]
     ranks = None
     if len(mask_editors) == 1 and not requests and not want_weights and attention_mask is None \
+            and query.shape[2] >= RANKED_MIN_LENGTH \
             and _fused_kernel_applies(binding, module, query, key, attention_mask, dropout, kwargs):
         ranks = mask_editors[0].mask_ranks(call)
     if mask_editors and ranks is None:

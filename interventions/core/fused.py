@@ -5,11 +5,12 @@ With the row log-sum-exp `lse_i`, any probability is `exp(q_i·k_j·scale − ls
 columns is corrected in closed form from the fused output (`attention._edit_columns`). The attention a key receives,
 `Σ_i exp(q_i·k_j·scale − lse_i)`, is the exponential of the log-sum-exp of a *transposed* attention whose queries
 are the keys `[k_j, 1]` and whose keys are the scaled queries `[q_i·scale, −lse_i]`: one more fused call, whose
-output is discarded.
+output is discarded. A mask that is `rank(k) <= rank(q)` for some ranks (CCA's concentric mask) runs as unmasked
+calls in rank order (`ranked_attention`) instead of one dense masked call.
 
 Available where PyTorch exposes a fused kernel returning the log-sum-exp and this module was checked against it: the
 CPU flash kernel (`_scaled_dot_product_flash_attention_for_cpu`, float32/float64/bfloat16). Elsewhere (CUDA
-included, untested for lack of a GPU) the core keeps its explicit blockwise path.
+included, untested for lack of a GPU) the core keeps its explicit blockwise rows and dense masks.
 """
 
 from __future__ import annotations
@@ -91,69 +92,54 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor
 def ranked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rank: torch.Tensor,
                      scaling: float) -> torch.Tensor:
     """Attention under the mask `rank(k) <= rank(q)` (ties see each other), in `sdpa_attention_forward`'s output
-    layout `(batch, q_len, heads, head_dim)`, from causal fused kernels instead of one dense masked call.
+    layout `(batch, q_len, heads, head_dim)`, from unmasked fused calls instead of one dense masked call.
 
-    Sorted by rank (stably), the mask is causal plus, inside each group of equal rank, the later members. So: one
-    causal call on the sorted sequence, one small masked call over the tie groups (padded to the largest), and the
-    two partial softmaxes merged exactly through their log-sum-exps.
+    Sorted by rank (stably), each row sees every key up to the end of its tie group. So a tie group's rows attend,
+    unmasked, to the keys before the group's end; a run of untied rows attends causally within the run and, unmasked,
+    to every key before it (the two partial softmaxes merged exactly through their log-sum-exps). The calls cover
+    only allowed pairs, so the cost is that of SDPA's causal kernel plus a few calls per tie group.
 
     Args:
         query, key, value: a prefill's `(batch, heads, L, d)` queries and `(batch, kv_heads, L, d)` keys and values.
         rank (`torch.LongTensor` of shape `(batch, L)`): each token's rank.
     """
-    heads = query.shape[1]
-    groups = heads // key.shape[1]
-    order = torch.sort(rank, dim=1, stable=True).indices
-
-    def by_order(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
-
-    q, k, v = (by_order(x, order) for x in (query, repeat_kv(key, groups), repeat_kv(value, groups)))
-    out, lse = _CPU_KERNEL(q, k, v, 0.0, True, scale=scaling)
-    ranks = rank.gather(1, order)
-    same_as_previous = torch.nn.functional.pad(ranks[:, 1:] == ranks[:, :-1], (1, 0))
-    tied = same_as_previous | torch.nn.functional.pad(same_as_previous[:, 1:], (0, 1))
-    if bool(tied.any()):
-        out, lse = _merge_ties(q, k, v, out, lse, tied, same_as_previous, scaling)
-    merged = torch.empty_like(out).scatter_(2, order[:, None, :, None].expand_as(out), out)
-    return merged.transpose(1, 2).contiguous()
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+    for b in range(query.shape[0]):
+        ranks, order = torch.sort(rank[b], stable=True)
+        q, k, v = (x[b : b + 1].index_select(2, order) for x in (query, key, value))
+        for start, end, tied in _segments(ranks):
+            part = _segment(q, k, v, start, end, tied, scaling)  # (1, heads, rows, d) of sorted rows start..end
+            out[b].index_copy_(0, order[start:end], part[0].transpose(0, 1))
+    return out
 
 
-def _merge_ties(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                tied: torch.Tensor, same_as_previous: torch.Tensor,
-                scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add to the causal result `(out, lse)` of rank-sorted rows the later members of each row's tie group."""
-    batch, heads, length, dim = q.shape
-    positions = torch.arange(length, device=q.device).expand(batch, length)
-    starts = (tied & ~same_as_previous)  # first member of each tie group
-    group = (starts.cumsum(1) - 1).clamp_min(0)  # tie group of each tied row, counted per sample
-    first = torch.where(starts, positions, 0).cummax(1).values
-    slot = positions - first
-    num_groups, size = int(starts.sum(1).max()), int(torch.where(tied, slot, 0).max()) + 1
-    cell = torch.where(tied, group * size + slot, num_groups * size)  # untied rows go to one spare cell
-    index = torch.full((batch, num_groups * size + 1), length, dtype=torch.long, device=q.device)
-    index.scatter_(1, cell, positions)
-    index = index[:, :-1]
-    member = index < length  # (batch, groups·size)
+def _segments(ranks: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """`(start, end, tied)` of sorted ranks: each tie group, and each maximal run of untied rows."""
+    bounds = (torch.nonzero(ranks[1:] != ranks[:-1]).squeeze(1) + 1).tolist()
+    groups = zip([0, *bounds], [*bounds, len(ranks)])
+    segments: list[tuple[int, int, bool]] = []
+    for start, end in groups:
+        tied = end - start > 1
+        if not tied and segments and not segments[-1][2]:
+            segments[-1] = (segments[-1][0], end, False)
+        else:
+            segments.append((start, end, tied))
+    return segments
 
-    def packed(x: torch.Tensor) -> torch.Tensor:  # (batch·groups, heads, size, d)
-        x = torch.nn.functional.pad(x, (0, 0, 0, 1))  # index `length` reads a zero row
-        x = x.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim))
-        return x.view(batch, heads, num_groups, size, dim).transpose(1, 2).reshape(-1, heads, size, dim)
 
-    member = member.view(batch * num_groups, 1, size)
-    later = torch.ones(size, size, dtype=torch.bool, device=q.device).triu(1)
-    allowed = later & member[..., None] & member[..., None, :]  # (batch·groups, 1, size, size)
-    extra, extra_lse = _CPU_KERNEL(packed(q), packed(k), packed(v), 0.0, False,
-                                   attn_mask=_additive(allowed, q.dtype), scale=scaling)
-    extra_lse = extra_lse.masked_fill(~allowed.any(-1), float("-inf"))  # no later member: nothing to add
-    # back to the sorted rows; the rows of no tie group keep the causal result exactly (weight 0 on the extra part)
-    extra = extra.view(batch, num_groups, heads, size, dim).transpose(1, 2).reshape(batch, heads, -1, dim)
-    extra_lse = extra_lse.view(batch, num_groups, heads, size).transpose(1, 2).reshape(batch, heads, -1)
-    take = torch.where(tied, group * size + slot, 0)
-    extra = extra.gather(2, take[:, None, :, None].expand(-1, heads, -1, dim))
-    extra_lse = extra_lse.gather(2, take[:, None, :].expand(-1, heads, -1)).masked_fill(~tied[:, None], float("-inf"))
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    total = torch.logaddexp(lse.to(dtype), extra_lse.to(dtype))
-    mixed = (out.to(dtype) * torch.exp(lse - total)[..., None] + extra.to(dtype) * torch.exp(extra_lse - total)[..., None])
-    return mixed.to(out.dtype), total
+def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int, tied: bool,
+             scaling: float) -> torch.Tensor:
+    """Output `(1, heads, end - start, d)` of the sorted rows `[start, end)` (see `ranked_attention`)."""
+    rows = q[:, :, start:end]
+    if tied:
+        return _CPU_KERNEL(rows, k[:, :, :end], v[:, :, :end], 0.0, False, scale=scaling)[0]
+    out, lse = _CPU_KERNEL(rows, k[:, :, start:end], v[:, :, start:end], 0.0, True, scale=scaling)
+    if start == 0:
+        return out
+    before, before_lse = _CPU_KERNEL(rows, k[:, :, :start], v[:, :, :start], 0.0, False, scale=scaling)
+    total = torch.logaddexp(lse, before_lse)
+    dtype = total.dtype
+    mixed = out.to(dtype) * torch.exp(lse - total)[..., None] + before.to(dtype) * torch.exp(before_lse - total)[..., None]
+    return mixed.to(out.dtype)

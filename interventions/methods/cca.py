@@ -93,6 +93,8 @@ class Cca(Method):
     def edit_mask(self, call: AttentionCall, allowed: torch.Tensor) -> torch.Tensor | None:
         if not self.config.concentric_mask:
             return None
+        if call.first_position is not None and call.first_position >= self._layout.ring.shape[1]:
+            return None  # a decode step: no image query row (known on the host, no tensor work)
         return concentric_allowed(self._layout, allowed, call.query_positions)
 
     def mask_ranks(self, call: AttentionCall) -> torch.Tensor | None:
