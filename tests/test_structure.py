@@ -113,6 +113,24 @@ def test_act_fused_path_equals_explicit_rows(monkeypatch):
     torch.testing.assert_close(fused, _act_logits(model, inputs), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("stack", [
+    [("pai", {"alpha": 0.5, "start_layer": 1}), ("act", {"beta": 0.3, "threshold": 0.05, "layers": [1, 2]})],
+    [("act", {"beta": 0.3, "threshold": 0.05, "layers": [1, 2]}), ("pai", {"alpha": 0.5, "start_layer": 1})],
+], ids=["pai+act", "act+pai"])
+@torch.no_grad()
+def test_stacks_with_act_keep_the_fused_path_and_its_result(monkeypatch, stack):
+    model = _model("llava")
+    inputs = make_inputs(model, "llava", [Prompt(30, 12, seed=4)])
+    fused_calls, original = [], attention.fused.attention_with_lse
+    monkeypatch.setattr(attention.fused, "attention_with_lse", lambda *a: fused_calls.append(1) or original(*a))
+    with iv.apply(model, stack):
+        got = model(**inputs).logits
+        assert fused_calls == [1, 1]  # layers 1 and 2: ACT's columns fused, PAI's last row explicit on top
+        monkeypatch.setattr(attention, "FUSED", False)
+        expected = model(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
 def _act_logits(model, inputs) -> torch.Tensor:
     with torch.no_grad(), iv.apply(model, "act", beta=0.3, threshold=0.02, layers=[1, 2]) as handle:
         logits = model(**inputs).logits

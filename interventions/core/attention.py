@@ -8,6 +8,7 @@ and heads the methods asked for (`RowLogits`) and writes them back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import weakref
@@ -110,9 +111,12 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     DISPATCH_COUNTS["edited" if edited else "base"] += 1
     if ranks is not None:
         out, weights = fused.ranked_attention(query, key, value, ranks, scaling), None
-    elif requests and not want_weights and _fusable(binding, module, requests, query, key, attention_mask, dropout,
-                                                    kwargs):
-        out, weights = _edit_columns(call, requests, query, key, value, attention_mask, scaling), None
+    elif not want_weights and (columns := [(m, r) for m, r in requests if r.columns]) \
+            and _fusable(binding, module, columns, query, key, attention_mask, dropout, kwargs):
+        out, weights = _edit_columns(call, columns, query, key, value, attention_mask, scaling), None
+        if len(columns) < len(requests):  # other methods' rows: recomputed explicitly with every edit, in stack order
+            out, weights = _edit_rows(call, _rows_of_others(requests), query, key, value, attention_mask, scaling,
+                                      out, None, False, kwargs.get("softcap"))
     elif _rewrites_everything(requests, query, attention_mask, want_weights):
         out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, None, None, False,
                                   kwargs.get("softcap"))
@@ -171,11 +175,19 @@ def _fused_kernel_applies(binding: Binding, module: torch.nn.Module, query: torc
     return fused.available(query, attention_mask)
 
 
+def _rows_of_others(requests: list[tuple[Method, RowRequest]]) -> list[tuple[Method, RowRequest]]:
+    """After the fused `columns` path: every request limited to the rows the other requests ask for, the columns
+    requests without `observe` (their statistics came from the fused path), for an explicit pass over those rows."""
+    others = [r.rows for _, r in requests if not r.columns]
+    rows = functools.reduce(torch.logical_or, others)
+    return [(m, dataclasses.replace(r, rows=r.rows & rows, observe=False) if r.columns else r) for m, r in requests]
+
+
 def _fusable(binding: Binding, module: torch.nn.Module, requests: list[tuple[Method, RowRequest]],
              query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float,
              kwargs: dict[str, Any]) -> bool:
-    """The `columns` path applies: every request is an editing `columns` one, and a fused kernel applies."""
-    if any(not r.columns or r.read_only or r.grad for _, r in requests):
+    """The `columns` path applies to these `columns` requests: each one edits, and a fused kernel applies."""
+    if any(r.read_only or r.grad for _, r in requests):
         return False
     return _fused_kernel_applies(binding, module, query, key, attention_mask, dropout, kwargs)
 
