@@ -1,7 +1,7 @@
 """Wall-clock overhead of ACT on the real SmolLM2-135M-Instruct against the unmodified model, in one run.
 
 Prints prefill and 32-token greedy generation times for: the unmodified model, ACT wrapped at its neutral
-strength (beta = 1: pure dispatch cost), and ACT at the defaults (all heads of layers 2..27). CPU, 2 threads.
+strength (beta = 1: pure dispatch cost), and ACT at the defaults (all heads of layers 2..28). CPU, 2 threads.
 
     python benchmarks/act_overhead_smollm2.py
 """
