@@ -4,6 +4,7 @@ loads, so bad input costs nothing; every error reaches the user as one `error: .
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
         parser.add_argument("--params", help='JSON {"method": {"parameter": value}}')
         parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
-        parser.add_argument("--out", required=True, help="output folder (predictions, results.json/.md/.png)")
+        parser.add_argument("--out", help="output folder (predictions, results.json/.md/.png); default "
+                                          "runs/<today's date>")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
         parser.add_argument("--device-map", help="e.g. auto (accelerate)")
@@ -70,7 +72,7 @@ def run_eval(args: argparse.Namespace) -> int:
     runs = parse_methods(args.methods, args.params)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    out = _writable_dir(args.out)
+    out = _writable_dir(args.out or str(Path("runs") / datetime.date.today().isoformat()))
     if args.benchmark == "lm":
         if args.tasks is None and args.model != "builtin:smollm2":
             raise ValueError("eval lm needs --tasks (only builtin:smollm2 has default tasks)")

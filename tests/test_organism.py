@@ -119,6 +119,16 @@ def test_short_eval_on_the_builtin_needs_no_data_arguments(benchmark, tmp_path, 
     assert "| none |" in capsys.readouterr().out
 
 
+def test_the_readme_main_job_needs_no_output_argument(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # results go to runs/<today's date> under the working folder
+    code = main(["eval", "pope", "--model", "builtin:shapes-vlm", "--methods", "none", "--limit", "3",
+                 "--no-progress"])
+    assert code == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert json.loads((folder / "results.json").read_text())["samples"]["evaluated"] == 3
+    assert "| none |" in capsys.readouterr().out
+
+
 def test_data_arguments_stay_required_for_other_models(tmp_path, capsys):
     for argv, message in (
         (["eval", "pope", "--model", "some/model"], "needs --questions and --images"),
