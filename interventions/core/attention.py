@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from . import fused
-from .rows import RowLogits, allowed_keys, row_logits, row_output
+from .rows import RowLogits, allowed_keys, causal_columns, row_logits, row_output
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -117,7 +117,7 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         if len(columns) < len(requests):  # other methods' rows: recomputed explicitly with every edit, in stack order
             out, weights = _edit_rows(call, _rows_of_others(requests), query, key, value, attention_mask, scaling,
                                       out, None, False, kwargs.get("softcap"))
-    elif _rewrites_everything(requests, query, attention_mask, want_weights):
+    elif _rewrites_everything(requests, query, want_weights):
         out, weights = _edit_rows(call, requests, query, key, value, attention_mask, scaling, None, None, False,
                                   kwargs.get("softcap"))
     else:
@@ -151,8 +151,7 @@ def _edit_mask(call: AttentionCall, editors: list[Method], attention_mask: torch
     return torch.where(edited, keep, torch.full((), torch.finfo(dtype).min, dtype=dtype, device=query.device))
 
 
-def _rewrites_everything(requests: list[tuple[Method, RowRequest]], query: torch.Tensor,
-                         attention_mask: torch.Tensor | None, want_weights: bool) -> bool:
+def _rewrites_everything(requests: list[tuple[Method, RowRequest]], query: torch.Tensor, want_weights: bool) -> bool:
     """A decode step whose one row some request edits in every head: the explicit row replaces the whole output,
     so the base backend's call would be thrown away (the row always sees a key: the new token itself)."""
     if want_weights or query.shape[2] != 1:
@@ -200,17 +199,18 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
     the columns the methods name, and a bias `b` there gives exactly, with `P` the columns' probabilities before it
     and `δ = P·(e^b − 1)`, `O' = (O + δ·V_cols) / (1 + Σ δ)`."""
     out, lse = fused.attention_with_lse(query, key, value, attention_mask, scaling)
-    batch, num_heads, q_len, _ = query.shape
+    batch, num_heads, q_len, kv_len = *query.shape[:3], key.shape[2]
     groups = num_heads // key.shape[1]
-    causal = attention_mask is None
-    allowed, additive = allowed_keys(attention_mask, batch, q_len, key.shape[2], query.device)
+    # a plain causal call never builds its (q_len, kv_len) mask: only the named columns' part of it is needed
+    allowed, additive = (None, None) if attention_mask is None else \
+        allowed_keys(attention_mask, batch, q_len, kv_len, query.device)
     valid_rows = call.roles.valid[:, call.query_positions]
     for method, request in requests:
         if request.observe:
             heads = _arange(num_heads, query.device) if request.heads is None else request.heads.sort().values
             counted = valid_rows & request.rows
-            received = fused.received_attention(query, key, lse, heads, scaling, allowed, causal, counted)
-            if causal:  # key j is seen by the counted rows i >= j
+            received = fused.received_attention(query, key, lse, heads, scaling, allowed, counted)
+            if allowed is None:  # key j is seen by the counted rows i >= j
                 count = counted.flip(-1).cumsum(-1).flip(-1)[:, None]
             else:
                 count = (allowed & counted[:, None, :, None]).sum(2)
@@ -220,17 +220,17 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
         return out
     rows_local, heads = _rows_and_heads(requests, q_len, num_heads, query.device, everything=False)
     logits = row_logits(query, key, heads, rows_local, groups, scaling, additive, None, columns=columns)
-    view = RowLogits(logits=logits, allowed=allowed[..., columns][:, :, rows_local], heads=heads,
+    column_allowed = causal_columns(q_len, kv_len, columns) if allowed is None else allowed[..., columns]
+    view = RowLogits(logits=logits, allowed=column_allowed[:, :, rows_local].expand(batch, -1, -1, -1), heads=heads,
                      rows=call.query_positions[rows_local], columns=columns,
                      lse=lse[:, heads][:, :, rows_local, None].to(logits.dtype))
     before = view.probs()
     for method, request in requests:
         method.edit(call, view, request)
     delta = view.probs() - before  # (batch, heads, rows, columns)
-    v = value[:, torch.div(heads, groups, rounding_mode="floor")][:, :, columns].to(delta.dtype)
     where = (slice(None), rows_local[:, None], heads)
     base = out[where].transpose(1, 2).to(delta.dtype)  # (batch, heads, rows, head_dim)
-    edited = (base + torch.matmul(delta, v)) / (1 + delta.sum(-1, keepdim=True))
+    edited = (base + row_output(delta, value[:, :, columns], heads, groups)) / (1 + delta.sum(-1, keepdim=True))
     out[where] = edited.transpose(1, 2).to(out.dtype)
     return out
 

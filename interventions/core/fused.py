@@ -58,19 +58,17 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def received_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, heads: torch.Tensor,
-                       scaling: float, allowed: torch.Tensor, causal: bool, counted_rows: torch.Tensor) -> torch.Tensor:
+                       scaling: float, allowed: torch.Tensor | None, counted_rows: torch.Tensor) -> torch.Tensor:
     """Attention each key receives, summed over the counted query rows: `(batch, len(heads), kv_len)`.
 
     Args:
         query, key: the layer's `(batch, heads, q_len, d)` queries and `(batch, kv_heads, kv_len, d)` keys.
         lse: `(batch, heads, q_len)` row log-sum-exp of the same attention (`attention_with_lse`).
         heads: query heads to sum for.
-        allowed: `(batch, 1, q_len, kv_len)` keys each row may see (used when not `causal`).
-        causal: the plain causal pattern with `q_len == kv_len` (then `allowed` is not read).
+        allowed: `(batch, 1, q_len, kv_len)` keys each row may see; None: the plain causal pattern, `q_len == kv_len`.
         counted_rows: `(batch, q_len)` bool, the rows that count (e.g. valid, non-padding rows).
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
-    batch = query.shape[0]
     groups = query.shape[1] // key.shape[1]
     shift = -lse[:, heads].to(dtype).masked_fill(~counted_rows[:, None, :], -_EXCLUDED)[..., None]
     # transposed attention: the keys ask, the scaled queries answer, and each answer carries its row's −lse
@@ -78,15 +76,12 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor
     cols = key[:, torch.div(heads, groups, rounding_mode="floor")].to(dtype)
     cols = torch.cat([cols, torch.ones(*cols.shape[:3], 1, dtype=dtype, device=cols.device)], -1)
     values = torch.zeros_like(rows)  # the kernel wants values; only the log-sum-exp is read
-    if causal:  # key j is seen by rows i >= j: reversing both sequences makes that the kernel's causal pattern
+    if allowed is None:  # key j is seen by rows i >= j: reversing both sequences makes that the kernel's causal pattern
         _, total = _CPU_KERNEL(cols.flip(2), rows.flip(2), values, 0.0, True, scale=1.0)
-        total = total.flip(2)
-        seen = torch.ones(batch, 1, cols.shape[2], dtype=torch.bool, device=query.device)
-    else:
-        mask = allowed.transpose(-1, -2) & counted_rows[:, None, None, :]
-        _, total = _CPU_KERNEL(cols, rows, values, 0.0, False, attn_mask=_additive(mask, dtype), scale=1.0)
-        seen = mask.any(-1)  # a key no counted row sees receives 0 (the kernel reports log-sum-exp 0 there)
-    return total.exp().masked_fill(~seen, 0)
+        return total.flip(2).exp()  # every key is seen by its own row; uncounted rows add exp(−1e30) = 0
+    mask = allowed.transpose(-1, -2) & counted_rows[:, None, None, :]
+    _, total = _CPU_KERNEL(cols, rows, values, 0.0, False, attn_mask=_additive(mask, dtype), scale=1.0)
+    return total.exp().masked_fill(~mask.any(-1), 0)  # a key no counted row sees: the kernel reports lse 0 there
 
 
 def ranked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rank: torch.Tensor,

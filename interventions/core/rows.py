@@ -82,10 +82,15 @@ def allowed_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
 _CACHED_CAUSAL = 1 << 16
 
 
+def causal_columns(q_len: int, kv_len: int, columns: torch.Tensor) -> torch.Tensor:
+    """`(1, 1, q_len, len(columns))` bool: the bottom-right aligned causal mask at some key columns only."""
+    q = torch.arange(q_len, device=columns.device)[:, None] + (kv_len - q_len)
+    return (columns[None, :] <= q).view(1, 1, q_len, len(columns))
+
+
 def _causal(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """`(1, 1, q_len, kv_len)` bool: the bottom-right aligned causal mask (never written by its users)."""
-    q = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-    return (torch.arange(kv_len, device=device)[None, :] <= q).view(1, 1, q_len, kv_len)
+    return causal_columns(q_len, kv_len, torch.arange(kv_len, device=device))
 
 
 _cached_causal = functools.lru_cache(maxsize=8)(_causal)
