@@ -41,12 +41,21 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     lm.add_argument("--tasks", help="comma-separated lm-eval task names (default for builtin:smollm2: "
                                     f"{','.join(DEFAULT_LM_TASKS)})")
     lm.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    lm.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (exact: padded batches give the "
+                                                              "log-likelihoods of batch size 1)")
+    lm.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
+    lm.add_argument("--bootstrap-iters", type=int, default=1000, help="lm-eval's stderr: closed form for means, "
+                                                                      "this many bootstrap resamples otherwise; 0: "
+                                                                      "no stderr")
+    lm.add_argument("--log-samples", action="store_true", help="per-sample logs to OUT/lm_samples/<method>/<task>"
+                                                               ".jsonl")
 
     for parser in (pope, chair, lm):
         parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2 or "
                                                               "builtin:shapes-vlm")
         parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
-        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}')
+        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}, a JSON file holding it, or a '
+                                             "saved interventions_config.json (or its folder)")
         parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
         parser.add_argument("--out", help="output folder (predictions, results.json/.md/.png); default "
                                           "runs/<today's date>")
@@ -79,10 +88,17 @@ def run_eval(args: argparse.Namespace) -> int:
         tasks = [t.strip() for t in (args.tasks or ",".join(DEFAULT_LM_TASKS)).split(",") if t.strip()]
         if not tasks:
             raise ValueError("--tasks is empty")
+        for flag in ("batch_size", "num_fewshot", "bootstrap_iters"):
+            value = getattr(args, flag)
+            if value is not None and value < (1 if flag == "batch_size" else 0):
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag == 'batch_size' else 0}, got {value}")
         loaded = _load(args)
-        from .runner import run_lm
+        from .runner import LmOptions, run_lm
 
-        results = run_lm(loaded, tasks, runs, out, args.limit, args.include_path, args.seed)
+        options = LmOptions(limit=args.limit, include_path=args.include_path, seed=args.seed,
+                            batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                            bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
+        results = run_lm(loaded, tasks, runs, out, options)
     else:
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -1,4 +1,4 @@
-"""`interventions` console script: `demo`, `eval`, `score`, `calibrate`, `methods`, `families`, `describe`."""
+"""`interventions` console script: `demo`, `eval`, `score`, `calibrate`, `lm-eval`, `methods`, `families`, `describe`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; exit code 0 on success, 2 on a usage or validation error, 1 on a runtime failure."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # lm-eval's own parser takes every argument after it
+        from evals.lm_eval_cli import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="interventions", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -15,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--beta", type=float, default=0.4)
     demo.add_argument("--threshold", type=float, default=0.1)
+    sub.add_parser("lm-eval", help="lm-eval's own CLI with the `interventions` model type (--model interventions "
+                   "--model_args pretrained=...,methods=...,params=...)", add_help=False)
     sub.add_parser("methods", help="list the methods")
     sub.add_parser("families", help="list the supported model types")
     describe = sub.add_parser("describe", help="parameters of a method, with defaults and sources")

@@ -27,24 +27,38 @@ RESULTS_SCHEMA = 1
 
 @dataclass(frozen=True)
 class MethodRun:
-    """One column of the comparison: `none` (unmodified) or a stack of methods with their parameters."""
+    """One column of the comparison: `none` (unmodified) or a stack of methods with their parameters.
+
+    `made_for` is the `model` block of the saved config the parameters came from (its shape is checked at wrap).
+    """
 
     label: str
     stack: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    made_for: dict[str, Any] | None = None
+
+    def wrap_target(self) -> Any:
+        """What `iv.wrap` takes for this run: the stack, as a config with its `model` block when it has one."""
+        if self.made_for is None:
+            return self.stack
+        return {"model": self.made_for, "stack": [{"method": n, "params": p} for n, p in self.stack]}
 
 
-def parse_methods(methods: str, params_json: str | None = None) -> list[MethodRun]:
-    """`"none,pai,pai+act"` plus `'{"pai": {"alpha": 0.5}}'` → validated runs.
+def parse_methods(methods: str | None, params_json: str | None = None) -> list[MethodRun]:
+    """`"none,pai,pai+act"` plus parameters → validated runs.
+
+    Args:
+        methods (`str` or `None`): comma-separated runs; `None` takes the stack of the saved config `params_json`.
+        params_json (`str`, *optional*): JSON text `{"method": {"parameter": value}}`, a JSON file holding that,
+            or a saved config (`interventions_config.json` or its folder), whose stack gives the parameters.
 
     Raises:
         ValueError: unknown method, malformed JSON, parameters for a method not in the list, bad parameters.
     """
-    try:
-        params = json.loads(params_json) if params_json else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-        raise ValueError('--params must be a JSON object {"method": {"parameter": value}}')
+    params, made_for, saved_stack = _read_params(params_json)
+    if methods is None:
+        if saved_stack is None:
+            raise ValueError("give --methods (only a saved config as --params brings its own stack)")
+        methods = "+".join(saved_stack)
     labels = [m.strip() for m in methods.split(",") if m.strip()]
     if not labels:
         raise ValueError("--methods is empty; give e.g. none,pai")
@@ -60,11 +74,41 @@ def parse_methods(methods: str, params_json: str | None = None) -> list[MethodRu
             iv.method_params(name, params.get(name, {}))  # validate now, before any model work
             stack.append((name, dict(params.get(name, {}))))
             used.add(name)
-        runs.append(MethodRun(label, stack))
+        runs.append(MethodRun(label, stack, made_for))
     unused = set(params) - used
     if unused:
         raise ValueError(f"--params names {sorted(unused)}, which --methods does not list")
     return runs
+
+
+def _read_params(given: str | None) -> tuple[dict[str, dict], dict[str, Any] | None, list[str] | None]:
+    """`(params by method, model block, stack names)` of `--params`: JSON text, a JSON file, or a saved config."""
+    from interventions.saved import config_path
+
+    if not given:
+        return {}, None, None
+    text = given
+    if not given.lstrip().startswith("{"):
+        path = config_path(given)
+        if path is None or not path.is_file():
+            raise ValueError(f"--params is neither JSON nor a JSON file / saved config folder: {given!r}")
+        text = path.read_text()
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
+    if isinstance(params, dict) and "stack" in params:  # a saved interventions config
+        entries = params
+        if not isinstance(entries["stack"], list) or not all(isinstance(e, dict) and "method" in e
+                                                              for e in entries["stack"]):
+            raise ValueError("the saved config's stack must be a list of {\"method\": name, \"params\": {...}}")
+        names = [e["method"] for e in entries["stack"]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the saved config stacks {names}; --params maps one parameter set per method name")
+        return {e["method"]: dict(e.get("params", {})) for e in entries["stack"]}, entries.get("model"), names
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ValueError('--params must be a JSON object {"method": {"parameter": value}}')
+    return params, None, None
 
 
 def _distributed() -> tuple[int, int, Any]:
@@ -110,7 +154,7 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         done = load_predictions(shard, key)
         todo = [s for s in mine if s.id not in done]
         processor = loaded.processor if loaded.has_images else None  # for methods that build inputs (carve)
-        handle = iv.wrap(loaded.model, run.stack, processor=processor) if run.stack else None
+        handle = iv.wrap(loaded.model, run.wrap_target(), processor=processor) if run.stack else None
         try:
             _generate(loaded, todo, shard, key, decoding, batch_size, seed, progress and rank == 0, run.label)
         finally:
@@ -227,33 +271,52 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir: Path, limit: int | None = None,
-           include_path: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """lm-eval `tasks` for every run on the loaded model; a finished run is kept in `out_dir/lm_runs/` and not
-    recomputed when the command is repeated."""
-    from .benchmarks.lm import evaluate_lm
+@dataclass(frozen=True)
+class LmOptions:
+    """lm-eval settings of `eval lm` (the run key holds all but `batch_size`, which does not change a number)."""
+
+    limit: int | None = None
+    include_path: str | None = None
+    seed: int = 0
+    batch_size: int = 1
+    num_fewshot: int | None = None
+    bootstrap_iters: int = 1000
+    log_samples: bool = False
+
+
+def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir: Path,
+           options: LmOptions = LmOptions()) -> dict[str, Any]:
+    """lm-eval `tasks` for every run on the loaded model, through the `interventions` lm-eval model type; a finished
+    run is kept in `out_dir/lm_runs/` and not recomputed when the command is repeated. With `log_samples`, every
+    sample's requests, responses and scores go to `out_dir/lm_samples/<label>/<task>.jsonl`."""
+    from .benchmarks.lm import evaluate_lm, task_manager
+    from .lm_model import InterventionsLM
 
     if loaded.has_images:
         raise ValueError(f"eval lm runs text-only tasks; {loaded.model_id} is a {loaded.family} VLM")
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(options).items() if k != "batch_size"}
+    manager = None
     result_runs = []
     for run in runs:
-        key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "limit": limit, "seed": seed,
-                                         "stack": run.stack}, sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "stack": run.stack, **settings},
+                                        sort_keys=True).encode()).hexdigest()[:16]
         cache = out_dir / "lm_runs" / f"{run.label}.{key}.json"
         if cache.exists():
             result_runs.append(json.loads(cache.read_text()))
             continue
-        handle = iv.wrap(loaded.model, run.stack) if run.stack else None
+        manager = manager or task_manager(tasks, out_dir, options.include_path)
+        lm = InterventionsLM(loaded.model, params=run, tokenizer=_tokenizer(loaded), batch_size=options.batch_size)
         try:
-            out = evaluate_lm(loaded.model, _tokenizer(loaded), tasks, out_dir, limit, include_path, seed)
+            out = evaluate_lm(lm, tasks, manager, options)
         finally:
-            if handle is not None:
-                handle.unwrap()
+            lm.close()
+        if options.log_samples:
+            _write_samples(out_dir / "lm_samples" / run.label, out["samples"])
         entry = {"method": run.label, "stack": [{"method": n, "params": p} for n, p in run.stack],
                  "params": {n: p for n, p in run.stack}, "run_key": key, "metrics": out["metrics"],
-                 "lm_eval_versions": out["versions"], "n_samples": out["n-samples"]}
+                 "stderr": out["stderr"], "lm_eval_versions": out["versions"], "n_samples": out["n-samples"]}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(entry, sort_keys=True))
         result_runs.append(entry)
@@ -262,9 +325,11 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
         "benchmark": "lm",
         "tasks": tasks,
         "model": {"id": loaded.model_id, "family": loaded.family, "dtype": loaded.dtype},
-        "decoding": {"protocol": "lm-eval loglikelihood / generate_until as each task defines", "batch_size": 1},
-        "seed": seed,
-        "samples": {"limit": limit, "evaluated": limit},
+        "decoding": {"protocol": "lm-eval loglikelihood / generate_until as each task defines",
+                     "batch_size": options.batch_size, "num_fewshot": options.num_fewshot},
+        "bootstrap_iters": options.bootstrap_iters,
+        "seed": options.seed,
+        "samples": {"limit": options.limit, "evaluated": options.limit},
         "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.time() - started, 2),
@@ -272,3 +337,14 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
     }
     write_reports(results, out_dir)
     return results
+
+
+def _write_samples(folder: Path, samples: dict[str, list[dict[str, Any]]]) -> None:
+    """One JSON line per sample and task, as lm-eval logs them (its own serialiser for non-JSON values)."""
+    from lm_eval.utils import handle_non_serializable
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for task, rows in samples.items():
+        with open(folder / f"{task}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=handle_non_serializable, sort_keys=True) + "\n")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import families as _families
 from . import methods as _methods
+from . import saved as _saved
 from .core.attention import KEYS
 from .core.contract import Capability, Method, ModelInfo
 from .core.roles import TokenRoles
@@ -18,10 +21,12 @@ from .core.session import Session
 from .errors import AlreadyWrappedError, ConfigError
 from .version import __version__
 
-CONFIG_SCHEMA = 1
+CONFIG_SCHEMA = 2
+#: schema 1 configs (before the `model` block) still load
+READABLE_SCHEMAS = (1, 2)
 _HANDLES: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
 
-Stack = str | Sequence[tuple[str, Mapping[str, Any]]] | Mapping[str, Any]
+Stack = str | os.PathLike | Sequence[tuple[str, Mapping[str, Any]]] | Mapping[str, Any]
 
 
 def methods() -> list[str]:
@@ -68,10 +73,11 @@ class Handle:
         methods (`list[Method]`): the bound methods, in stack order.
     """
 
-    def __init__(self, model: torch.nn.Module, session: Session) -> None:
+    def __init__(self, model: torch.nn.Module, session: Session, info: ModelInfo) -> None:
         self.model = model
         self.methods = session.methods
         self._session = session
+        self._info = info
 
     @property
     def roles(self) -> TokenRoles | None:
@@ -80,12 +86,33 @@ class Handle:
 
     @property
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable description of the stack; `iv.wrap(model, handle.config)` rebuilds it."""
+        """JSON-serialisable description of the stack and of the model shape it fits; `iv.wrap(model,
+        handle.config)` rebuilds it (on a model of the same shape)."""
         return {
             "schema": CONFIG_SCHEMA,
             "library": f"interventions {__version__}",
+            "model": _saved.model_block(self.model, self._info),
             "stack": [{"method": m.name, "params": m.config.to_params()} for m in self.methods],
         }
+
+    def save_pretrained(self, folder: str | os.PathLike, model_id: str | None = None) -> Path:
+        """Write `folder/interventions_config.json`, which `iv.wrap(model, folder)` loads.
+
+        Args:
+            folder (`str` or `os.PathLike`): created if missing.
+            model_id (`str`, *optional*): the model id to record; default the model's `name_or_path`.
+
+        Returns:
+            `Path`: the file written.
+
+        Example:
+            >>> iv.wrap(model, "act", heads="heads.json").save_pretrained("act-smollm2")
+            >>> iv.wrap(other_copy, "act-smollm2")
+        """
+        config = self.config
+        if model_id is not None:
+            config["model"]["id"] = model_id
+        return _saved.write_config(config, folder)
 
     def set_template(self, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Learn the chat template's fixed token prefix and suffix around a user message, so that token roles
@@ -135,8 +162,9 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
     Args:
         model (`transformers.PreTrainedModel`): a model of a supported family (`families()`), with SDPA or eager
             attention in its text decoder.
-        name_or_stack (`str`, `list[tuple[str, dict]]` or `dict`): a method name (parameters as keyword
-            arguments), a list of `(name, params)` applied in list order, or a `Handle.config` dict.
+        name_or_stack (`str`, `os.PathLike`, `list[tuple[str, dict]]` or `dict`): a method name (parameters as
+            keyword arguments), a list of `(name, params)` applied in list order, a `Handle.config` dict, or a saved
+            config: a folder holding `interventions_config.json` or the path of such a file.
         processor (`transformers.ProcessorMixin`, *optional*): the model's processor, for methods that build
             their own inputs (`carve`); a stack entry may also carry its own under the key `"processor"`. It is
             not part of `Handle.config`: pass it again when re-wrapping from a config.
@@ -147,14 +175,14 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
 
     Raises:
         ValueError: unknown method or parameter, wrong type or range, unsupported family or attention backend,
-            or a model that is already wrapped.
+            a model that is already wrapped, or a config made for a model of another shape.
 
     Example:
         >>> h = iv.wrap(model, "act", beta=0.4, layers=[2, 3])
         >>> out = model.generate(**inputs)
         >>> h.unwrap()
     """
-    stack = _parse_stack(name_or_stack, params)
+    stack, made_for = _parse_stack(name_or_stack, params)
     processors = [p.pop("processor", processor) if _methods.METHODS.get(name).needs_processor else processor
                   for name, p in stack]
     configs = [_methods.METHODS.get(name).config_class.from_params(p) for name, p in stack]
@@ -186,6 +214,8 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
         config=model.config,
         layout=adapter,
     )
+    if made_for is not None:
+        _saved.check_shape(made_for, info)
     loops = [c.NAME for c in configs if Capability.decoding_loop in _methods.METHODS.get(c.NAME).needs]
     if len(loops) > 1:
         raise ConfigError(f"{', '.join(loops)} each run their own decoding loop; stack at most one of them")
@@ -199,7 +229,7 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
     _check_rollbacks(bound)
     session = Session(model, adapter, bound, base)
     session.attach()
-    handle = Handle(model, session)
+    handle = Handle(model, session, info)
     _HANDLES[model] = handle
     return handle
 
@@ -234,23 +264,42 @@ def apply(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None
         handle.unwrap()
 
 
-def _parse_stack(name_or_stack: Stack, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _parse_stack(name_or_stack: Stack,
+                 params: dict[str, Any]) -> tuple[list[tuple[str, dict[str, Any]]], Mapping[str, Any] | None]:
+    """The `(name, params)` entries, and the `model` block of a config (None when there is none)."""
+    if isinstance(name_or_stack, (str, os.PathLike)) and str(name_or_stack) not in _methods.METHODS.names():
+        path = _saved.config_path(name_or_stack)
+        if path is not None:
+            if params:
+                raise ConfigError("keyword parameters go with a method name; a saved config holds its parameters")
+            name_or_stack = _saved.read_config(path)
     if isinstance(name_or_stack, str):
-        return [(name_or_stack, params)]
+        return [(name_or_stack, params)], None
     if params:
         raise ConfigError("keyword parameters go with a single method name; put them inside the stack entries")
     if isinstance(name_or_stack, Mapping):
-        extra = set(name_or_stack) - {"schema", "library", "stack"}
-        if extra or "stack" not in name_or_stack:
-            raise ConfigError(f"a config dict has keys schema, library, stack; got {sorted(name_or_stack)}")
-        if name_or_stack.get("schema", CONFIG_SCHEMA) != CONFIG_SCHEMA:
-            raise ConfigError(f"config schema {name_or_stack['schema']!r} is not supported (expected {CONFIG_SCHEMA})")
-        entries = []
-        for entry in name_or_stack["stack"]:
-            if not isinstance(entry, Mapping) or set(entry) - {"method", "params"} or "method" not in entry:
-                raise ConfigError(f"a stack entry is {{'method': name, 'params': {{...}}}}; got {entry!r}")
-            entries.append((entry["method"], dict(entry.get("params", {}))))
-        return entries
+        return _config_entries(name_or_stack), name_or_stack.get("model")
+    return _stack_entries(name_or_stack), None
+
+
+def _config_entries(config: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    extra = set(config) - {"schema", "library", "model", "stack"}
+    if extra or "stack" not in config:
+        raise ConfigError(f"a config dict has keys schema, library, model, stack; got {sorted(config)}")
+    if config.get("schema", CONFIG_SCHEMA) not in READABLE_SCHEMAS:
+        raise ConfigError(f"config schema {config['schema']!r} is not supported (this is interventions "
+                          f"{__version__}, reading schemas {', '.join(map(str, READABLE_SCHEMAS))})")
+    entries = []
+    for entry in config["stack"]:
+        if not isinstance(entry, Mapping) or set(entry) - {"method", "params"} or "method" not in entry:
+            raise ConfigError(f"a stack entry is {{'method': name, 'params': {{...}}}}; got {entry!r}")
+        entries.append((entry["method"], dict(entry.get("params", {}))))
+    if not entries:
+        raise ConfigError("the stack is empty; give at least one method")
+    return entries
+
+
+def _stack_entries(name_or_stack: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
     entries = []
     for entry in name_or_stack:
         if isinstance(entry, str):

@@ -7,7 +7,6 @@ working directory, so the YAMLs are rendered with absolute paths into the run's 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,14 @@ def render_local_tasks(dest: Path) -> Path:
     return dest
 
 
-def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, limit: int | None = None,
-                include_path: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run lm-eval `tasks` on the in-memory `model`; return `{"metrics": {task: {metric: value}}, ...}`.
-
-    Batch size is 1: lm-eval's HF wrapper pads batches without passing an attention mask, so a padded row would
-    look like real tokens to methods that read roles (ACT's column means, PAI's last row).
+def task_manager(tasks: list[str], work_dir: Path, include_path: str | None = None) -> Any:
+    """lm-eval's `TaskManager` for `tasks`: the shipped local tasks (rendered into `work_dir/lm_tasks`), plus
+    lm-eval's own and `include_path`'s unless every task is a shipped one (indexing lm-eval's thousands of task
+    files takes 5-25 s).
 
     Raises:
         ValueError: a task that neither lm-eval, the shipped local tasks nor `include_path` defines.
     """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     paths = [str(render_local_tasks(work_dir / "lm_tasks"))]
@@ -49,15 +42,41 @@ def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, li
         if not Path(include_path).is_dir():
             raise ValueError(f"--include-path {include_path!r} is not a directory")
         paths.append(include_path)
-    manager = TaskManager(include_path=paths)
+    only_local = include_path is None and set(tasks) <= set(LOCAL_TASKS)
+    manager = TaskManager(include_path=paths, include_defaults=not only_local)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; shipped offline tasks: {', '.join(LOCAL_TASKS)}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0,
+    return manager
+
+
+def evaluate_lm(lm: Any, tasks: list[str], manager: Any, options: Any) -> dict[str, Any]:
+    """Run lm-eval `tasks` on the lm-eval model `lm`; return metrics, their stderr, versions, counts and samples.
+
+    Hub settings (`HF_HUB_OFFLINE`, `HF_DATASETS_OFFLINE`) are the user's: the shipped `_local` tasks read local
+    files and need no network either way, stock tasks download where a network exists.
+
+    Args:
+        lm (`lm_eval.api.model.LM`): e.g. an `evals.lm_model.InterventionsLM`.
+        manager (`lm_eval.tasks.TaskManager`): from `task_manager`.
+        options (`evals.runner.LmOptions`): limit, seed, num_fewshot, bootstrap_iters, log_samples.
+
+    Returns:
+        `dict`: `metrics` and `stderr` (`{task: {metric: value}}`; stderr is lm-eval's: closed form for means,
+        bootstrap for other aggregations; absent with `bootstrap_iters=0`), `versions`, `n-samples`, and `samples`
+        (lm-eval's per-sample logs, `{}` unless `log_samples`).
+    """
+    from lm_eval import simple_evaluate
+
+    seed = options.seed
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=options.limit,
+                          num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=False)
-    metrics = {task: {k.split(",")[0]: v for k, v in res.items()
-                      if isinstance(v, float) and "stderr" not in k}
-               for task, res in out["results"].items()}
-    return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {})}
+                          log_samples=options.log_samples)
+    metrics, stderr = {}, {}
+    for task, res in out["results"].items():
+        numbers = {k: v for k, v in res.items() if isinstance(v, float) and "," in k}
+        metrics[task] = {k.split(",")[0]: v for k, v in numbers.items() if "_stderr" not in k}
+        stderr[task] = {k.split(",")[0].removesuffix("_stderr"): v for k, v in numbers.items() if "_stderr" in k}
+    return {"metrics": metrics, "stderr": stderr, "versions": out.get("versions", {}),
+            "n-samples": out.get("n-samples", {}), "samples": out.get("samples", {})}

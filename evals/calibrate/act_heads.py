@@ -39,6 +39,7 @@ from .devset import (
     run_key,
     score,
     tokenize,
+    write_calibrated_config,
     write_result,
 )
 
@@ -183,6 +184,8 @@ def main(args: argparse.Namespace) -> int:
     base = result["baseline"]
     print(f"baseline accuracy {base['accuracy']:.4f}, margin {base['margin']:.4f} on {len(result['examples'])} "
           f"{args.task} examples; {len(result['heads'])} of {result['pool']['size']} heads kept -> {output}")
+    print(write_calibrated_config(model, "act", {"heads": result["heads"], "beta": args.beta,
+                                                 "threshold": args.threshold}, output, model_id))
     best = sorted(result["results"], key=lambda r: (r["delta_accuracy"], r["delta_margin"]), reverse=True)[:5]
     print("best:", ", ".join(f"L{r['layer']}H{r['head']} Δacc {r['delta_accuracy']:+.4f} Δmargin "
                              f"{r['delta_margin']:+.4f}" for r in best))

@@ -236,6 +236,20 @@ def add_search_arguments(parser: argparse.ArgumentParser, method: str, results_h
     parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
 
 
+def write_calibrated_config(model: torch.nn.Module, method: str, params: dict[str, Any], output: str | Path,
+                            model_id: str | None) -> str:
+    """Write the saved config `interventions_config.json` beside `output`: `method` with the calibrated `params`
+    (validated by wrapping once), which `iv.wrap(model, folder)` and `--params folder` load. Returns the line the
+    command prints: the file, or why none was written (the method does not apply, or the search kept nothing)."""
+    from interventions.api import apply
+
+    try:
+        with apply(model, method, **params) as handle:
+            return f"saved config ({method}) -> {handle.save_pretrained(Path(output).parent, model_id=model_id)}"
+    except ValueError as e:
+        return f"no saved config written: {e}"
+
+
 def load_for_search(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     """The model, its tokenizer and its id from parsed `add_search_arguments` options."""
     from ..loading import load_model

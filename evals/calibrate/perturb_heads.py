@@ -40,6 +40,7 @@ from .devset import (
     load_for_search,
     provenance,
     run_key,
+    write_calibrated_config,
     write_result,
 )
 
@@ -195,4 +196,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"round {entry['round']}: + {heads} -> accuracy {entry['set']['accuracy']:.4f}, "
               f"margin {entry['set']['margin']:.4f}")
     print(f"{len(result['heads'])} heads -> {output}")
+    print(write_calibrated_config(model, "pag", {"heads": result["heads"], "u": args.u, "w": args.w,
+                                                 "target": args.target, "cutoff": args.cutoff}, output, args.model))
     return 0

@@ -237,6 +237,9 @@ def main(args: argparse.Namespace) -> int:
     path = write_preset(result, args.output)
     tokens = Counter((t["position"], t["token"]) for t in result["sink_tokens"])
     print(f"sink dims of {model_id}: {result['sink_dims']} -> {path}")
+    from .devset import write_calibrated_config
+
+    print(write_calibrated_config(model, "var", {"sink_dims": result["sink_dims"]}, path, model_id))
     print("flagged tokens (position 'token': prompts):",
           ", ".join(f"{pos} {tok!r}: {n}" for (pos, tok), n in tokens.most_common(6)) or "none")
     return 0

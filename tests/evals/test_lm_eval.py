@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 from evals.loading import LoadedModel
-from evals.runner import parse_methods, run_lm
+from evals.runner import LmOptions, parse_methods, run_lm
 
 
 def test_copa_local_with_and_without_act(smollm2, tmp_path):
     model, tokenizer = smollm2
     loaded = LoadedModel(model, tokenizer, "causal_lm", False, "builtin:smollm2", "float32")
     runs = parse_methods("none,act", '{"act": {"beta": 0.4, "layers": [2, 3, 4, 5]}}')
-    results = run_lm(loaded, ["copa_local"], runs, tmp_path, limit=8)
+    results = run_lm(loaded, ["copa_local"], runs, tmp_path, LmOptions(limit=8))
     by_method = {r["method"]: r for r in results["runs"]}
     assert set(by_method) == {"none", "act"}
     for run in by_method.values():
@@ -21,7 +21,7 @@ def test_copa_local_with_and_without_act(smollm2, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["runs"][1]["params"] == {
         "act": {"beta": 0.4, "layers": [2, 3, 4, 5]}}
     # a repeated command reuses the finished runs instead of recomputing them
-    assert run_lm(loaded, ["copa_local"], runs, tmp_path, limit=8)["runs"] == results["runs"]
+    assert run_lm(loaded, ["copa_local"], runs, tmp_path, LmOptions(limit=8))["runs"] == results["runs"]
 
 
 def test_eval_lm_on_builtin_smollm2_defaults_its_tasks(smollm2, tmp_path, monkeypatch, capsys):

@@ -69,6 +69,9 @@ def test_search_resume_and_cli(smollm2, tmp_path, monkeypatch):
     assert written["heads"] == result["heads"] and written["method"] == "pag"
     with iv.apply(model, "pag", heads=str(output), u=0.5) as handle:
         assert handle.config["stack"][0]["params"]["heads"] == sorted(result["heads"])
+    with iv.apply(model, tmp_path) as handle:  # the saved config written beside the output
+        assert handle.config["stack"][0]["method"] == "pag"
+        assert handle.config["stack"][0]["params"]["heads"] == sorted(map(list, result["heads"]))
 
 
 def test_bad_arguments(smollm2):
