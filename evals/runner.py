@@ -20,6 +20,7 @@ from interventions.methods import METHODS
 
 from .benchmarks.base import GenerationBenchmark, Sample
 from interventions.loading import LoadedModel
+from .paired import attach, generation_table, lm_table
 from .predictions import append_predictions, load_predictions
 from .report import write_reports
 
@@ -122,7 +123,7 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         state.wait_for_everyone()
     if rank != 0:
         return None
-    result_runs = []
+    result_runs, tables = [], {}
     for run in runs:
         key = run_key(loaded, benchmark, run, decoding)
         texts: dict[str, str] = {}
@@ -133,9 +134,11 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         missing = [s.id for s in samples if s.id not in texts]
         if missing:
             raise RuntimeError(f"{run.label}: {len(missing)} samples have no prediction (e.g. {missing[:3]})")
+        metrics = benchmark.score(samples, texts)
+        tables[run.label] = generation_table(benchmark, {s.id: texts[s.id] for s in samples}, metrics)
         result_runs.append({"method": run.label, "stack": [{"method": n, "params": p} for n, p in run.stack],
-                            "params": {n: p for n, p in run.stack}, "run_key": key,
-                            "metrics": benchmark.score(samples, texts)})
+                            "params": {n: p for n, p in run.stack}, "run_key": key, "metrics": metrics})
+    attach(result_runs, tables)
     results = {
         "schema_version": RESULTS_SCHEMA,
         "benchmark": benchmark.name,
@@ -242,7 +245,7 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
     result_runs = []
     for run in runs:
         key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "limit": limit, "seed": seed,
-                                         "stack": run.stack}, sort_keys=True).encode()).hexdigest()[:16]
+                                         "stack": run.stack, "per_sample": 1}, sort_keys=True).encode()).hexdigest()[:16]
         cache = out_dir / "lm_runs" / f"{run.label}.{key}.json"
         if cache.exists():
             result_runs.append(json.loads(cache.read_text()))
@@ -255,10 +258,11 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
                 handle.unwrap()
         entry = {"method": run.label, "stack": [{"method": n, "params": p} for n, p in run.stack],
                  "params": {n: p for n, p in run.stack}, "run_key": key, "metrics": out["metrics"],
-                 "lm_eval_versions": out["versions"], "n_samples": out["n-samples"]}
+                 "lm_eval_versions": out["versions"], "n_samples": out["n-samples"], "per_sample": out["per_sample"]}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(entry, sort_keys=True))
         result_runs.append(entry)
+    attach(result_runs, {r["method"]: lm_table(r["per_sample"]) for r in result_runs})
     results = {
         "schema_version": RESULTS_SCHEMA,
         "benchmark": "lm",

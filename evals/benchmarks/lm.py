@@ -56,8 +56,25 @@ def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, li
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=False)
+                          log_samples=True)
     metrics = {task: {k.split(",")[0]: v for k, v in res.items()
                       if isinstance(v, float) and "stderr" not in k}
                for task, res in out["results"].items()}
-    return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {})}
+    return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {}),
+            "per_sample": per_sample_values(out.get("samples", {}), metrics)}
+
+
+def per_sample_values(samples: dict[str, list[dict[str, Any]]],
+                      metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """`{task: {metric: {doc_id: value}}}` from lm-eval's logged samples, for the task metrics that lm-eval
+    reports as a mean of per-document values (acc, acc_norm, exact_match, ...); one filter per task (the
+    first logged)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task, logged in samples.items():
+        if not logged:
+            continue
+        first = logged[0].get("filter")
+        rows = [s for s in logged if s.get("filter") == first]
+        names = [m for m in metrics.get(task, {}) if all(isinstance(s.get(m), (int, float, bool)) for s in rows)]
+        out[task] = {m: {str(s["doc_id"]): float(s[m]) for s in rows} for m in names}
+    return out
