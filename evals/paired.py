@@ -188,7 +188,9 @@ def generation_table(benchmark: Any, texts: Mapping[str, str], metrics: Mapping[
     from .benchmarks.chair import ChairBenchmark
     from .benchmarks.pope import PopeBenchmark
 
-    inner = getattr(benchmark, "inner", benchmark)
+    inner = benchmark
+    while hasattr(inner, "inner"):  # ImageBenchmark, tune's Subset
+        inner = inner.inner
     if isinstance(inner, PopeBenchmark):
         return pope_table(inner, texts)
     if isinstance(inner, ChairBenchmark):

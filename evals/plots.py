@@ -58,9 +58,11 @@ def grouped_bars(metrics: list[str], methods: list[str], values: list[list[float
     plt.close(fig)
 
 
-def dev_curve(points: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+def dev_curve(points: list[dict[str, Any]], metric: str, path: Path, title: str, reference: float | None = None,
+              chosen: dict[str, Any] | None = None) -> None:
     """Tune's dev curve: the metric against each swept parameter (one panel per parameter; several points at
-    one value, from the other parameters, are all drawn, the best of them joined by a line)."""
+    one value, from the other parameters, are all drawn, the best of them joined by a line); `reference` (the
+    unmodified model on dev) as a dashed line and the `chosen` point ringed in red."""
     plt = _pyplot()
     swept = [name for name in points[0]["params"] if len({_key(p["params"][name]) for p in points}) > 1] or \
         list(points[0]["params"])[:1]
@@ -76,6 +78,13 @@ def dev_curve(points: list[dict[str, Any]], metric: str, path: Path, title: str)
         for x, y in zip(pos, ys):
             best[x] = y if x not in best else max(best[x], y) if points[0]["higher_is_better"] else min(best[x], y)
         ax.plot(sorted(best), [best[x] for x in sorted(best)], color="tab:blue", linewidth=1)
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="none")
+            ax.legend(fontsize=8, loc="best")
+        if chosen is not None:
+            at = [(x, y) for x, y, p in zip(pos, ys, points) if p["params"] == chosen]
+            ax.scatter([a[0] for a in at], [a[1] for a in at], s=120, facecolors="none", edgecolors="tab:red",
+                       linewidths=1.5, zorder=4)
         if not numeric:
             ax.set_xticks(range(len(ticks)))
             ax.set_xticklabels([str(t) for t in ticks], rotation=30, ha="right", fontsize=8)

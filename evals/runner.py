@@ -36,15 +36,20 @@ class MethodRun:
 
 
 def parse_methods(methods: str, params_json: str | None = None) -> list[MethodRun]:
-    """`"none,pai,pai+act"` plus `'{"pai": {"alpha": 0.5}}'` → validated runs.
+    """`"none,pai,pai+act"` plus `'{"pai": {"alpha": 0.5}}'` (or a JSON file of it, or a tune's `tuned.json`)
+    → validated runs.
 
     Raises:
         ValueError: unknown method, malformed JSON, parameters for a method not in the list, bad parameters.
     """
+    if params_json and not params_json.lstrip().startswith("{") and Path(params_json).is_file():
+        params_json = Path(params_json).read_text()
     try:
         params = json.loads(params_json) if params_json else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
+    if isinstance(params, dict) and {"method", "params", "dev"} <= set(params):  # a tune's tuned.json
+        params = {params["method"]: params["params"]}
     if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
         raise ValueError('--params must be a JSON object {"method": {"parameter": value}}')
     labels = [m.strip() for m in methods.split(",") if m.strip()]
@@ -233,9 +238,10 @@ def versions() -> dict[str, str]:
 
 
 def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir: Path, limit: int | None = None,
-           include_path: str | None = None, seed: int = 0) -> dict[str, Any]:
+           include_path: str | None = None, seed: int = 0,
+           docs: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """lm-eval `tasks` for every run on the loaded model; a finished run is kept in `out_dir/lm_runs/` and not
-    recomputed when the command is repeated."""
+    recomputed when the command is repeated. `docs` (task → document indices) replaces `limit` (tune's splits)."""
     from .benchmarks.lm import evaluate_lm
 
     if loaded.has_images:
@@ -245,14 +251,15 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
     result_runs = []
     for run in runs:
         key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "limit": limit, "seed": seed,
-                                         "stack": run.stack, "per_sample": 1}, sort_keys=True).encode()).hexdigest()[:16]
+                                         "stack": run.stack, "per_sample": 1, "docs": docs},
+                                        sort_keys=True).encode()).hexdigest()[:16]
         cache = out_dir / "lm_runs" / f"{run.label}.{key}.json"
         if cache.exists():
             result_runs.append(json.loads(cache.read_text()))
             continue
         handle = iv.wrap(loaded.model, run.stack) if run.stack else None
         try:
-            out = evaluate_lm(loaded.model, _tokenizer(loaded), tasks, out_dir, limit, include_path, seed)
+            out = evaluate_lm(loaded.model, _tokenizer(loaded), tasks, out_dir, limit, include_path, seed, docs)
         finally:
             if handle is not None:
                 handle.unwrap()
@@ -270,7 +277,8 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
         "model": {"id": loaded.model_id, "family": loaded.family, "dtype": loaded.dtype},
         "decoding": {"protocol": "lm-eval loglikelihood / generate_until as each task defines", "batch_size": 1},
         "seed": seed,
-        "samples": {"limit": limit, "evaluated": limit},
+        "samples": {"limit": limit, "evaluated": limit if docs is None else sum(map(len, docs.values())),
+                    **({"docs": docs} if docs is not None else {})},
         "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.time() - started, 2),

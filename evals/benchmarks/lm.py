@@ -29,8 +29,11 @@ def render_local_tasks(dest: Path) -> Path:
 
 
 def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, limit: int | None = None,
-                include_path: str | None = None, seed: int = 0) -> dict[str, Any]:
+                include_path: str | None = None, seed: int = 0,
+                docs: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Run lm-eval `tasks` on the in-memory `model`; return `{"metrics": {task: {metric: value}}, ...}`.
+
+    `docs` (task → document indices, instead of `limit`) selects a dev or test part of each task (`tune`).
 
     Batch size is 1: lm-eval's HF wrapper pads batches without passing an attention mask, so a padded row would
     look like real tokens to methods that read roles (ACT's column means, PAI's last row).
@@ -42,6 +45,29 @@ def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, li
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(tasks, work_dir, include_path)
+    if docs is not None and limit is not None:
+        raise ValueError("give either a limit or document indices, not both")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, samples=docs, bootstrap_iters=0,
+                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                          log_samples=True)
+    metrics = {task: {k.split(",")[0]: v for k, v in res.items()
+                      if isinstance(v, float) and "stderr" not in k}
+               for task, res in out["results"].items()}
+    return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {}),
+            "per_sample": per_sample_values(out.get("samples", {}), metrics)}
+
+
+def task_manager(tasks: list[str], work_dir: Path, include_path: str | None = None) -> Any:
+    """lm-eval's task manager over the shipped tasks (and `include_path`), after checking that it knows `tasks`.
+
+    Raises:
+        ValueError: a task that neither lm-eval, the shipped local tasks nor `include_path` defines.
+    """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lm_eval.tasks import TaskManager
 
     paths = [str(render_local_tasks(work_dir / "lm_tasks"))]
@@ -53,15 +79,15 @@ def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, li
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; shipped offline tasks: {', '.join(LOCAL_TASKS)}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=True)
-    metrics = {task: {k.split(",")[0]: v for k, v in res.items()
-                      if isinstance(v, float) and "stderr" not in k}
-               for task, res in out["results"].items()}
-    return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {}),
-            "per_sample": per_sample_values(out.get("samples", {}), metrics)}
+    return manager
+
+
+def count_docs(tasks: list[str], work_dir: Path, include_path: str | None = None) -> dict[str, int]:
+    """How many evaluation documents each task has (lm-eval's `eval_docs`)."""
+    from lm_eval.tasks import get_task_dict
+
+    found = get_task_dict(tasks, task_manager(tasks, work_dir, include_path))
+    return {name: len(task.eval_docs) for name, task in found.items()}
 
 
 def per_sample_values(samples: dict[str, list[dict[str, Any]]],
