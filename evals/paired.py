@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .stats import N_RESAMPLES, SEED, mcnemar_exact, paired_bootstrap, ratio
+from .stats import N_RESAMPLES, SEED, bootstrap_sums, mcnemar_exact, percentile_interval, ratio
 
 _POPE_COLUMNS = ("tp", "fp", "tn", "fn", "yes", "n")
 
@@ -161,23 +161,27 @@ def paired_vs_none(tables: Mapping[str, SampleTable], names: list[str] | None = 
         raise ValueError("paired statistics need a `none` run on the same samples")
     base = tables["none"]
     wanted = [m for m in base.metrics if names is None or m.name in names]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for label, table in tables.items():
-        if label == "none":
-            continue
-        if table.ids != base.ids or table.counts.shape != base.counts.shape:
+    labels = [label for label in tables if label != "none"]
+    for label in labels:
+        if tables[label].ids != base.ids or tables[label].counts.shape != base.counts.shape:
             raise ValueError(f"{label} and none were evaluated on different samples; cannot pair them")
+    boot = dict(zip(["none", *labels], bootstrap_sums([tables[k].counts for k in ["none", *labels]],
+                                                     n_resamples, seed)))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for label in labels:
+        table = tables[label]
         out[label] = {}
         for metric in wanted:
-            boot = paired_bootstrap(base.counts, table.counts, metric.value, n_resamples, seed)
-            entry: dict[str, Any] = {"delta": boot["delta"], "ci95": boot["ci95"], "n": len(base.ids),
+            delta = float(metric.value(table.counts.sum(axis=0)) - metric.value(base.counts.sum(axis=0)))
+            interval = percentile_interval(delta, metric.value(boot[label]) - metric.value(boot["none"]))
+            entry: dict[str, Any] = {"delta": delta, "ci95": interval["ci95"], "n": len(base.ids),
                                      "resamples": n_resamples}
             if metric.correct is not None:
                 a, b = metric.correct(base.counts), metric.correct(table.counts)
                 keep = ~np.isnan(a) & ~np.isnan(b)
                 entry.update(p=mcnemar_exact(a[keep] == 1, b[keep] == 1), test="mcnemar-exact")
             else:
-                entry.update(p=boot["p_bootstrap"], test="bootstrap")
+                entry.update(p=interval["p_bootstrap"], test="bootstrap")
             entry["significant"] = not entry["ci95"][0] <= 0 <= entry["ci95"][1]
             out[label][metric.name] = entry
     return out
