@@ -86,8 +86,9 @@ def paired_markdown(results: dict[str, Any]) -> str:
         return ""
     first = rows[0]["paired_vs_none"][columns[0]]
     tests = sorted({s["test"] for r in rows for s in r["paired_vs_none"].values()})
+    p_from = "exact McNemar for accuracy-type metrics, else bootstrap" if "mcnemar-exact" in tests else "bootstrap"
     lines = ["", f"Δ vs none on the same {first['n']} samples: paired bootstrap 95 % CI ({first['resamples']} "
-             f"resamples), p from {' / '.join(tests)} (McNemar for accuracy-type metrics); n.s. = CI spans 0", "",
+             f"resamples), p: {p_from}; n.s. = CI spans 0", "",
              "| method | " + " | ".join(f"Δ {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for run in rows:
         cells = []
