@@ -49,7 +49,7 @@ def run_show(args: argparse.Namespace) -> int:
         raise ValueError(f"--image {str(image)!r}: no such file")
     question = args.question or (CHAIR_PROMPT if args.model == SHAPES_MODEL else DEFAULT_QUESTION)
     out = _writable_dir(args.out)
-    from interventions.loading import load_model
+    from .loading import load_model
 
     loaded = load_model(args.model, args.dtype)
     if not loaded.has_images:

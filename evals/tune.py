@@ -40,7 +40,7 @@ def parse_grid(grid: str, method: str, budget: int | None = None, seed: int = 0)
     Raises:
         ValueError: malformed JSON, a value that is not a non-empty list, a bad budget, an invalid point.
     """
-    from interventions.methods import METHODS
+    import interventions as iv
 
     if not grid.lstrip().startswith("{") and Path(grid).is_file():
         grid = Path(grid).read_text()
@@ -54,9 +54,8 @@ def parse_grid(grid: str, method: str, budget: int | None = None, seed: int = 0)
         if not isinstance(values, list) or not values:
             raise ValueError(f"--grid: {name!r} must be a non-empty list of values, got {values!r}")
     points = [dict(zip(spec, combo)) for combo in itertools.product(*spec.values())]
-    config = METHODS.get(method).config_class
     for point in points:
-        config.from_params(point)  # every point is valid before any model work
+        iv.method_params(method, point)  # every point is valid before any model work
     if budget is not None:
         if budget < 1:
             raise ValueError(f"--budget must be >= 1, got {budget}")

@@ -5,12 +5,12 @@
     h.unwrap()                             # bit-identical to the original model again
 """
 
-from .api import Handle, apply, families, methods, unwrap, wrap
+from .api import Handle, apply, describe, families, family, method_params, methods, unwrap, wrap
 from .attention_map import AttentionMap, attention_map
 from .errors import AlreadyWrappedError, ConfigError, InputError, InterventionError, UnsupportedFamilyError
 from .version import __version__
 
 __all__ = [
     "AlreadyWrappedError", "AttentionMap", "ConfigError", "Handle", "InputError", "InterventionError", "UnsupportedFamilyError",
-    "__version__", "apply", "attention_map", "families", "methods", "unwrap", "wrap",
+    "__version__", "apply", "attention_map", "describe", "families", "family", "method_params", "methods", "unwrap", "wrap",
 ]

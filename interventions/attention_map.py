@@ -54,14 +54,15 @@ def image_grid(model: torch.nn.Module) -> tuple[int, int]:
     Raises:
         InputError: a family whose grid depends on the image (llava_next) or that has none (text-only, M-RoPE).
     """
+    from .errors import ConfigError
     from .families import resolve
-    from .methods.cca_grids import fixed_grid
 
-    family = resolve(model).name
+    adapter = resolve(model)
+    family = adapter.name
     try:
-        grid = fixed_grid(family, model.config, "attention_map")
-    except Exception as e:  # noqa: BLE001 - the grid table's refusal, reworded for this caller
-        raise InputError(f"attention_map: {e}") from None
+        grid = adapter.fixed_grid(model.config, "attention_map")
+    except ConfigError as e:  # the family's refusal (no 2-D grid), as an input error of this caller
+        raise InputError(str(e)) from None
     if grid is None:
         raise InputError(f"attention_map: the {family} grid depends on each image (any-resolution crops); "
                          "supported: families with one fixed grid per image (llava, idefics3, gemma3)")

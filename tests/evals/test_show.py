@@ -15,8 +15,8 @@ from evals.benchmarks.base import Sample
 from evals.benchmarks.shapes import IMAGES
 from evals.runner import build_inputs
 from evals.show import DEFAULT_SHAPES_IMAGE, figure
-from interventions.cli import main
-from interventions.loading import load_model
+from evals.main import main
+from evals.loading import load_model
 
 
 @pytest.fixture(scope="module")

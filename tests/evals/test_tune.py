@@ -10,7 +10,7 @@ import pytest
 
 from evals.benchmarks.shapes import shapes_chair, shapes_pope
 from evals.tune import higher_is_better, parse_grid, point_key
-from interventions.cli import main
+from evals.main import main
 
 TUNE = ["tune", "pope", "--model", "builtin:shapes-vlm", "--method", "pai", "--grid", '{"alpha": [0.0, 3.0]}',
         "--limit", "12", "--dev-limit", "12", "--max-new-tokens", "2"]
