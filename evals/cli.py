@@ -19,6 +19,21 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
 
     pope = benchmarks.add_parser("pope", help="POPE yes/no object questions")
+    chair = benchmarks.add_parser("chair", help="CHAIR object hallucination in image descriptions")
+    lm = benchmarks.add_parser("lm", help="reasoning tasks through lm-eval (shipped offline: "
+                                          "arc_easy_local, boolq_local, copa_local)")
+    add_data_arguments(pope, chair, lm)
+    for parser in (pope, chair, lm):
+        parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
+        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}, a JSON file holding it, a tune\'s '
+                                             "tuned.json, or a saved interventions_config.json (or its folder)")
+        parser.add_argument("--out", help="output folder (predictions, results.json/.md/.png); default "
+                                          "runs/<today's date>")
+
+
+def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentParser,
+                       lm: argparse.ArgumentParser) -> None:
+    """The data, model and decoding arguments shared by `eval` and `tune` (one parser per benchmark)."""
     pope.add_argument("--questions", help="POPE question file (JSON Lines or JSON array), or a folder of "
                                           "*_pope_{random,popular,adversarial}.json files; default for "
                                           "builtin:shapes-vlm: the shipped shapes-POPE")
@@ -27,7 +42,6 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     pope.add_argument("--prompt", help="prompt template with {question}; default LLaVA-1.5's (shapes-POPE: "
                                        "'{question}')")
 
-    chair = benchmarks.add_parser("chair", help="CHAIR object hallucination in image descriptions")
     chair.add_argument("--images", help="folder of COCO val2014 images")
     chair.add_argument("--image-ids", help="file with one COCO image id per line")
     truth = chair.add_mutually_exclusive_group()
@@ -36,8 +50,6 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     chair.add_argument("--prompt", help="default 'Please describe this image in detail.' (shapes-CHAIR: "
                                         "'describe the image .')")
 
-    lm = benchmarks.add_parser("lm", help="reasoning tasks through lm-eval (shipped offline: "
-                                          "arc_easy_local, boolq_local, copa_local)")
     lm.add_argument("--tasks", help="comma-separated lm-eval task names (default for builtin:smollm2: "
                                     f"{','.join(DEFAULT_LM_TASKS)})")
     lm.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
@@ -53,12 +65,7 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
     for parser in (pope, chair, lm):
         parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2 or "
                                                               "builtin:shapes-vlm")
-        parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
-        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}, a JSON file holding it, or a '
-                                             "saved interventions_config.json (or its folder)")
         parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
-        parser.add_argument("--out", help="output folder (predictions, results.json/.md/.png); default "
-                                          "runs/<today's date>")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
         parser.add_argument("--device-map", help="e.g. auto (accelerate)")

@@ -1,4 +1,5 @@
-"""`interventions` console script: `demo`, `eval`, `score`, `calibrate`, `lm-eval`, `methods`, `families`, `describe`."""
+"""`interventions` console script: `demo`, `eval`, `tune`, `show`, `score`, `calibrate`, `lm-eval`, `methods`, `families`,
+`describe`."""
 
 from __future__ import annotations
 
@@ -28,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     describe.add_argument("method")
     from evals.cli import add_eval_commands
     from evals.score import add_score_commands
+    from evals.show import add_show_command
+    from evals.tune import add_tune_command
 
     add_eval_commands(sub)
+    add_tune_command(sub)
+    add_show_command(sub)
     add_score_commands(sub)
     calibrate = sub.add_parser("calibrate", help="produce method presets from a model")
     targets = calibrate.add_subparsers(dest="target", required=True)
@@ -71,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         from evals.cli import run_eval
 
         return run_eval(args)
-    elif args.command in ("score", "calibrate"):
+    elif args.command in ("score", "calibrate", "tune", "show"):
         return args.run(args)
     elif args.command == "describe":
         print(iv.describe(args.method))

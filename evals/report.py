@@ -1,5 +1,5 @@
-"""Results files, all built from the results dict: `results.json`, `results.md` (a table) and `results.png`
-(a bar chart drawn with Pillow, no plotting dependency)."""
+"""Results files, all built from the results dict: `results.json`, `results.md` (the metrics and, with a `none`
+run, each method's Δ with its paired CI) and `results.png` (matplotlib bars with the CIs)."""
 
 from __future__ import annotations
 
@@ -47,35 +47,61 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def bar_chart(results: dict[str, Any], path: Path) -> None:
-    """Grouped bars: one group per headline metric, one bar per method."""
-    from PIL import Image, ImageDraw
+    """One panel per headline metric, one bar per method (distinct colours); a method's error bar is the 95 %
+    paired-bootstrap CI of its Δ vs `none`, drawn around its value, and `none`'s value is a dashed line."""
+    from .plots import grouped_bars
 
-    columns = headline(results)
+    columns = plotted(results)
     runs = results["runs"]
-    values = [[flatten(r["metrics"]).get(c, 0.0) for c in columns] for r in runs]
-    top = max([v for row in values for v in row] + [1e-9])
-    width, height, margin = max(420, 140 + 110 * len(columns)), 380, 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    palette = ["#777777", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
-    bar = max(4, 90 // max(1, len(runs)))
-    for ci, name in enumerate(columns):
-        x0 = margin + 110 * ci
-        for ri, row in enumerate(values):
-            h = int((height - 2 * margin - 20) * row[ci] / top)
-            x = x0 + ri * bar
-            draw.rectangle([x, height - margin - h, x + bar - 2, height - margin], fill=palette[ri % len(palette)])
-            draw.text((x, height - margin - h - 12), f"{row[ci]:.3g}", fill="black")
-        draw.text((x0, height - margin + 4), name[-16:], fill="black")
-    for ri, run in enumerate(runs):
-        draw.rectangle([width - 110, 30 + 14 * ri, width - 100, 40 + 14 * ri], fill=palette[ri % len(palette)])
-        draw.text((width - 95, 28 + 14 * ri), run["method"], fill="black")
-    draw.text((margin, 8), f"{results['benchmark']}: {results['model']['id']}"[:60], fill="black")
-    image.save(path)
+    values = [[flatten(r["metrics"]).get(c, float("nan")) for c in columns] for r in runs]
+    errors = [[_error(r, c, v) for c, v in zip(columns, row)] for r, row in zip(runs, values)]
+    reference = next((row for r, row in zip(runs, values) if r["method"] == "none"), None)
+    grouped_bars(columns, [r["method"] for r in runs], values, errors, reference, path,
+                 title=f"{results['benchmark']} on {results['model']['id']}, {results['samples']['evaluated']} samples",
+                 note="error bars: 95% paired bootstrap CI of Δ vs none" if any(
+                     "paired_vs_none" in r for r in runs) else None)
+
+
+def plotted(results: dict[str, Any]) -> list[str]:
+    """The headline metrics, restricted to those with paired statistics when there are any (CHAIR's counts are
+    headline columns of the table but not worth a panel)."""
+    columns = headline(results)
+    paired = next((r["paired_vs_none"] for r in results["runs"] if "paired_vs_none" in r), None)
+    return ([c for c in columns if c in paired] or columns) if paired else columns
+
+
+def _error(run: dict[str, Any], column: str, value: float) -> tuple[float, float] | None:
+    stat = run.get("paired_vs_none", {}).get(column)
+    if stat is None:
+        return None
+    lo, hi = stat["ci95"]
+    return max(0.0, stat["delta"] - lo), max(0.0, hi - stat["delta"])
+
+
+def paired_markdown(results: dict[str, Any]) -> str:
+    """The Δ-vs-`none` table: Δ [95 % CI] and p per headline metric; "n.s." where the CI spans 0."""
+    columns = plotted(results)
+    rows = [r for r in results["runs"] if "paired_vs_none" in r]
+    if not rows:
+        return ""
+    first = rows[0]["paired_vs_none"][columns[0]]
+    tests = sorted({s["test"] for r in rows for s in r["paired_vs_none"].values()})
+    p_from = "exact McNemar for accuracy-type metrics, else bootstrap" if "mcnemar-exact" in tests else "bootstrap"
+    lines = ["", f"Δ vs none on the same {first['n']} samples: paired bootstrap 95 % CI ({first['resamples']} "
+             f"resamples), p: {p_from}; n.s. = CI spans 0", "",
+             "| method | " + " | ".join(f"Δ {c}" for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for run in rows:
+        cells = []
+        for c in columns:
+            s = run["paired_vs_none"].get(c)
+            cells.append("" if s is None else f"{s['delta']:+.3g} [{s['ci95'][0]:+.3g}, {s['ci95'][1]:+.3g}] "
+                         f"p={s['p']:.2g}" + ("" if s["significant"] else " n.s."))
+        lines.append(f"| {run['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_reports(results: dict[str, Any], out_dir: Path) -> None:
     """Write the three result files into `out_dir`."""
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (out_dir / "results.md").write_text(markdown(results))
+    (out_dir / "results.md").write_text(markdown(results) + paired_markdown(results))
     bar_chart(results, out_dir / "results.png")

@@ -19,6 +19,7 @@ import interventions as iv
 
 from .benchmarks.base import GenerationBenchmark, Sample
 from .loading import LoadedModel
+from .paired import attach, generation_table, lm_table
 from .predictions import append_predictions, load_predictions
 from .report import write_reports
 
@@ -49,7 +50,7 @@ def parse_methods(methods: str | None, params_json: str | None = None) -> list[M
     Args:
         methods (`str` or `None`): comma-separated runs; `None` takes the stack of the saved config `params_json`.
         params_json (`str`, *optional*): JSON text `{"method": {"parameter": value}}`, a JSON file holding that,
-            or a saved config (`interventions_config.json` or its folder), whose stack gives the parameters.
+            a tune's `tuned.json`, or a saved config (`interventions_config.json` or its folder), whose stack gives the parameters.
 
     Raises:
         ValueError: unknown method, malformed JSON, parameters for a method not in the list, bad parameters.
@@ -97,6 +98,8 @@ def _read_params(given: str | None) -> tuple[dict[str, dict], dict[str, Any] | N
         params = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"--params is not valid JSON: {e.msg} at column {e.colno}") from None
+    if isinstance(params, dict) and {"method", "params", "dev"} <= set(params):  # a tune's tuned.json
+        return {params["method"]: params["params"]}, None, None
     if isinstance(params, dict) and "stack" in params:  # a saved interventions config
         entries = params
         if not isinstance(entries["stack"], list) or not all(isinstance(e, dict) and "method" in e
@@ -164,7 +167,7 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         state.wait_for_everyone()
     if rank != 0:
         return None
-    result_runs = []
+    result_runs, tables = [], {}
     for run in runs:
         key = run_key(loaded, benchmark, run, decoding)
         texts: dict[str, str] = {}
@@ -175,9 +178,11 @@ def run_generation(loaded: LoadedModel, benchmark: GenerationBenchmark, runs: li
         missing = [s.id for s in samples if s.id not in texts]
         if missing:
             raise RuntimeError(f"{run.label}: {len(missing)} samples have no prediction (e.g. {missing[:3]})")
+        metrics = benchmark.score(samples, texts)
+        tables[run.label] = generation_table(benchmark, {s.id: texts[s.id] for s in samples}, metrics)
         result_runs.append({"method": run.label, "stack": [{"method": n, "params": p} for n, p in run.stack],
-                            "params": {n: p for n, p in run.stack}, "run_key": key,
-                            "metrics": benchmark.score(samples, texts)})
+                            "params": {n: p for n, p in run.stack}, "run_key": key, "metrics": metrics})
+    attach(result_runs, tables)
     results = {
         "schema_version": RESULTS_SCHEMA,
         "benchmark": benchmark.name,
@@ -282,6 +287,8 @@ class LmOptions:
     num_fewshot: int | None = None
     bootstrap_iters: int = 1000
     log_samples: bool = False
+    #: task → document indices, instead of `limit` (a dev or test part of each task, for `tune`)
+    docs: dict[str, list[int]] | None = None
 
 
 def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir: Path,
@@ -300,7 +307,8 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
     manager = None
     result_runs = []
     for run in runs:
-        key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "stack": run.stack, **settings},
+        key = hashlib.sha256(json.dumps({"model": loaded.model_id, "tasks": tasks, "stack": run.stack, "per_sample": 1,
+                                         **settings},
                                         sort_keys=True).encode()).hexdigest()[:16]
         cache = out_dir / "lm_runs" / f"{run.label}.{key}.json"
         if cache.exists():
@@ -316,10 +324,12 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
             _write_samples(out_dir / "lm_samples" / run.label, out["samples"])
         entry = {"method": run.label, "stack": [{"method": n, "params": p} for n, p in run.stack],
                  "params": {n: p for n, p in run.stack}, "run_key": key, "metrics": out["metrics"],
-                 "stderr": out["stderr"], "lm_eval_versions": out["versions"], "n_samples": out["n-samples"]}
+                 "stderr": out["stderr"], "lm_eval_versions": out["versions"], "n_samples": out["n-samples"],
+                 "per_sample": out["per_sample"]}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(entry, sort_keys=True))
         result_runs.append(entry)
+    attach(result_runs, {r["method"]: lm_table(r["per_sample"]) for r in result_runs})
     results = {
         "schema_version": RESULTS_SCHEMA,
         "benchmark": "lm",
@@ -329,7 +339,9 @@ def run_lm(loaded: LoadedModel, tasks: list[str], runs: list[MethodRun], out_dir
                      "batch_size": options.batch_size, "num_fewshot": options.num_fewshot},
         "bootstrap_iters": options.bootstrap_iters,
         "seed": options.seed,
-        "samples": {"limit": options.limit, "evaluated": options.limit},
+        "samples": {"limit": options.limit,
+                    "evaluated": options.limit if options.docs is None else sum(map(len, options.docs.values())),
+                    **({"docs": options.docs} if options.docs is not None else {})},
         "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(time.time() - started, 2),

@@ -6,10 +6,11 @@
 """
 
 from .api import Handle, apply, describe, families, family, method_params, methods, unwrap, wrap
+from .attention_map import AttentionMap, attention_map
 from .errors import AlreadyWrappedError, ConfigError, InputError, InterventionError, UnsupportedFamilyError
 from .version import __version__
 
 __all__ = [
-    "AlreadyWrappedError", "ConfigError", "Handle", "InputError", "InterventionError", "UnsupportedFamilyError",
-    "__version__", "apply", "describe", "families", "family", "method_params", "methods", "unwrap", "wrap",
+    "AlreadyWrappedError", "AttentionMap", "ConfigError", "Handle", "InputError", "InterventionError", "UnsupportedFamilyError",
+    "__version__", "apply", "attention_map", "describe", "families", "family", "method_params", "methods", "unwrap", "wrap",
 ]

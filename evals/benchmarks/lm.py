@@ -59,24 +59,52 @@ def evaluate_lm(lm: Any, tasks: list[str], manager: Any, options: Any) -> dict[s
     Args:
         lm (`lm_eval.api.model.LM`): e.g. an `evals.lm_model.InterventionsLM`.
         manager (`lm_eval.tasks.TaskManager`): from `task_manager`.
-        options (`evals.runner.LmOptions`): limit, seed, num_fewshot, bootstrap_iters, log_samples.
+        options (`evals.runner.LmOptions`): limit or docs (task → document indices: a dev or test part of each
+            task, for `tune`), seed, num_fewshot, bootstrap_iters.
 
     Returns:
         `dict`: `metrics` and `stderr` (`{task: {metric: value}}`; stderr is lm-eval's: closed form for means,
-        bootstrap for other aggregations; absent with `bootstrap_iters=0`), `versions`, `n-samples`, and `samples`
-        (lm-eval's per-sample logs, `{}` unless `log_samples`).
+        bootstrap for other aggregations; absent with `bootstrap_iters=0`), `versions`, `n-samples`, `samples`
+        (lm-eval's per-sample logs) and `per_sample` (`per_sample_values`, for the paired statistics).
     """
     from lm_eval import simple_evaluate
 
     seed = options.seed
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=options.limit,
+    if options.docs is not None and options.limit is not None:
+        raise ValueError("give either a limit or document indices, not both")
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=options.limit, samples=options.docs,
                           num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters,
                           random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=options.log_samples)
+                          log_samples=True)
     metrics, stderr = {}, {}
     for task, res in out["results"].items():
         numbers = {k: v for k, v in res.items() if isinstance(v, float) and "," in k}
         metrics[task] = {k.split(",")[0]: v for k, v in numbers.items() if "_stderr" not in k}
         stderr[task] = {k.split(",")[0].removesuffix("_stderr"): v for k, v in numbers.items() if "_stderr" in k}
     return {"metrics": metrics, "stderr": stderr, "versions": out.get("versions", {}),
-            "n-samples": out.get("n-samples", {}), "samples": out.get("samples", {})}
+            "n-samples": out.get("n-samples", {}), "samples": out.get("samples", {}),
+            "per_sample": per_sample_values(out.get("samples", {}), metrics)}
+
+
+def count_docs(tasks: list[str], work_dir: Path, include_path: str | None = None) -> dict[str, int]:
+    """How many evaluation documents each task has (lm-eval's `eval_docs`)."""
+    from lm_eval.tasks import get_task_dict
+
+    found = get_task_dict(tasks, task_manager(tasks, work_dir, include_path))
+    return {name: len(task.eval_docs) for name, task in found.items()}
+
+
+def per_sample_values(samples: dict[str, list[dict[str, Any]]],
+                      metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """`{task: {metric: {doc_id: value}}}` from lm-eval's logged samples, for the task metrics that lm-eval
+    reports as a mean of per-document values (acc, acc_norm, exact_match, ...); one filter per task (the
+    first logged)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task, logged in samples.items():
+        if not logged:
+            continue
+        first = logged[0].get("filter")
+        rows = [s for s in logged if s.get("filter") == first]
+        names = [m for m in metrics.get(task, {}) if all(isinstance(s.get(m), (int, float, bool)) for s in rows)]
+        out[task] = {m: {str(s["doc_id"]): float(s[m]) for s in rows} for m in names}
+    return out

@@ -22,18 +22,25 @@ IMAGE_NAME = "shapes_{image_id:06d}.png"
 MAX_NEW_TOKENS = 16  # answers are one word, descriptions at most the 16 object words
 
 
-def shapes_pope(full: bool = False, parser: str = "official") -> ImageBenchmark:
-    """The three shapes-POPE splits: the first 20 scenes of each (120 questions per split), or all 500 (`full`)."""
-    folder = SHAPES_DIR / ("pope" if full else "pope_quick")
+def shapes_pope(full: bool = False, parser: str = "official", dev: bool = False) -> ImageBenchmark:
+    """The three shapes-POPE splits: the first 20 scenes of each (120 questions per split), or all 500 (`full`);
+    `dev`: the dev split of `interventions tune` (20 other scenes, 120 questions per split)."""
+    if dev and full:
+        raise ValueError("the shapes dev split has one size; --full applies to the test split")
+    folder = SHAPES_DIR / ("pope_dev" if dev else "pope" if full else "pope_quick")
     inner = PopeBenchmark.from_dir(folder, dataset="shapes", parser=parser, prompt_template=POPE_PROMPT,
                                    max_new_tokens=MAX_NEW_TOKENS)
     return ImageBenchmark(inner, IMAGES)
 
 
-def shapes_chair(full: bool = False) -> ImageBenchmark:
-    """shapes-CHAIR: the first 100 scenes, or all 1,000 (`full`), scored against each scene's drawn objects."""
-    ids = read_image_ids(SHAPES_DIR / "chair" / ("image_ids.txt" if full else "image_ids_quick.txt"))
+def shapes_chair(full: bool = False, dev: bool = False) -> ImageBenchmark:
+    """shapes-CHAIR: the first 100 scenes, or all 1,000 (`full`), scored against each scene's drawn objects;
+    `dev`: the 100 dev scenes of `interventions tune`."""
+    if dev and full:
+        raise ValueError("the shapes dev split has one size; --full applies to the test split")
+    ids = read_image_ids(SHAPES_DIR / "chair" / ("image_ids_dev.txt" if dev else "image_ids.txt" if full
+                                                 else "image_ids_quick.txt"))
     inner = ChairBenchmark(ids, prompt=CHAIR_PROMPT, max_new_tokens=MAX_NEW_TOKENS,
-                           objects=SHAPES_DIR / "chair" / "objects.json",
+                           objects=SHAPES_DIR / "chair" / ("objects_dev.json" if dev else "objects.json"),
                            synonyms=SHAPES_DIR / "chair" / "synonyms.txt", image_name=IMAGE_NAME)
     return ImageBenchmark(inner, IMAGES)
