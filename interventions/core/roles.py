@@ -90,6 +90,13 @@ class TokenRoles:
         return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
                           torch.cat([self.template, pad], 1), self.prompt_len, ids)
 
+    def select_rows(self, index: torch.Tensor) -> TokenRoles:
+        """The roles of rows `index` (a beam search's reordering of the batch)."""
+        index = index.to(self.valid.device)
+        ids = None if self.ids is None else self.ids.index_select(0, index)
+        return TokenRoles(self.valid.index_select(0, index), self.image.index_select(0, index),
+                          self.template.index_select(0, index), self.prompt_len, ids)
+
     def _repeat(self, times: int) -> TokenRoles:
         """Each sample's roles `times` times in a row (the order of `Cache.batch_repeat_interleave`)."""
         ids = None if self.ids is None else self.ids.repeat_interleave(times, 0)

@@ -107,7 +107,10 @@ class Session:
             if loops and not self._generate_depth:  # a loop's own nested `model.generate` calls run the standard one
                 if kwargs.get("custom_generate") is not None:
                     raise InputError(f"{loops[0].name} runs its own decoding loop; custom_generate cannot be given")
-                kwargs["custom_generate"] = loops[0].decoding_loop
+                loop = loops[0].decoding_loop
+                if kwargs.get("streamer") is not None:  # transformers gives a callable only its own new arguments
+                    loop = functools.partial(loop, streamer=kwargs["streamer"])
+                kwargs["custom_generate"] = loop
             config = kwargs.get("generation_config") or model.generation_config
             if self.branches.mirrors and (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
                 raise InputError("beam search reorders the main KV cache, which a branch's own cache (pag, pai "
@@ -145,6 +148,8 @@ class Session:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         mask = kwargs.get("attention_mask")
+        if cache is not None:
+            self._follow_reorders(cache)
         if past_len == 0:
             prompt_len = new_len if self._prompt_len is None else min(self._prompt_len, new_len)
             self.roles = TokenRoles.from_prompt(input_ids, mask, self._image_ids, new_len, batch, prompt_len,
@@ -160,6 +165,22 @@ class Session:
         if self.branches.owned:
             self.branches.before_main(args, kwargs, past_len)
         return self._override_positions(args, kwargs, new_len)
+
+    def _follow_reorders(self, cache: Any) -> None:
+        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the roles and the methods' per-row state too."""
+        if getattr(cache, "_interventions_session", None) is self:
+            return
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor) -> Any:
+            if self.roles is not None:
+                self.roles = self.roles.select_rows(beam_idx)
+                for method in self.methods:
+                    method.reorder_rows(beam_idx)
+            return original(beam_idx)
+
+        cache.reorder_cache = reorder_cache
+        cache._interventions_session = self
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         return self.branches.after_main(output) if self.stream == MAIN else None

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from ..core.branch import MAIN
@@ -217,17 +218,18 @@ class Carve(Method):
     # ---- the three passes ------------------------------------------------------------------------------------
     def decoding_loop(self, model: Any, input_ids: torch.Tensor, logits_processor: Any = None,
                       stopping_criteria: Any = None, generation_config: Any = None, images: Any = None,
-                      **model_kwargs: Any) -> Any:
+                      streamer: Any = None, **model_kwargs: Any) -> Any:
         """The transformers `custom_generate` callable installed in the user's `generate` (see module docstring).
 
         `images` (`PIL.Image.Image`, or a list with one per prompt, *optional*): the original images the processor
         was given, passed as `model.generate(**inputs, images=image)`; CARVE then maps, crops and magnifies them at
-        their own resolution instead of the images rebuilt from `pixel_values`.
+        their own resolution instead of the images rebuilt from `pixel_values`. A `streamer` gets pass F's new tokens
+        (`put` step by step; `generate` has put the user's prompt) and one `end()` after the last prompt.
         """
         if self.config.is_neutral:
             mode = getattr(type(model), GENERATION_MODES_MAPPING[generation_config.get_generation_mode()])
             return mode(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                        generation_config=generation_config, **model_kwargs)
+                        generation_config=generation_config, streamer=streamer, **model_kwargs)
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         batch = input_ids.shape[0] // expand
         if batch > 1 and generation_config.return_dict_in_generate:
@@ -246,10 +248,13 @@ class Carve(Method):
                 pixels = self._pixels if batch == 1 else sample_pixels(self._family, self._pixels, b, batch)
                 inputs = self._run(model, input_ids[first:first + 1], own, pixels, originals[b])
                 out = model.generate(**inputs, generation_config=_final_config(generation_config,
-                                                                                input_ids.shape[1]))
+                                                                                input_ids.shape[1]),
+                                     streamer=None if streamer is None else _NewTokens(streamer))
                 outs.append(_with_user_prompt(out, input_ids[first:first + expand], inputs["input_ids"].shape[1]))
         finally:
             self._running, self._pixels = False, {}
+            if streamer is not None:
+                streamer.end()
         if batch == 1:
             return outs[0]
         pad = generation_config.pad_token_id
@@ -350,6 +355,22 @@ class Carve(Method):
             length = int(hits[0, 0]) + 1 if len(hits) else new.shape[1]  # finished rows are padded afterwards
             results.append((rows[:length, :, b], new[b, :length]))
         return results
+
+
+class _NewTokens(BaseStreamer):
+    """Relays a nested `generate`'s new tokens to the user's streamer: its first `put` (pass F's own prompt, not the
+    user's) and its `end()` are dropped."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer, self.prompt_seen = streamer, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.streamer.put(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        """The user's streamer ends once, after the last prompt."""
 
 
 def _left_pad(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -19,14 +19,16 @@ from .sgrs_select import History, Sampler, choose, sample_seeds
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
 
     from .sgrs import Sgrs
 
 
 def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor: LogitsProcessorList,
              stopping_criteria: StoppingCriteriaList, generation_config: GenerationConfig,
-             **model_kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
+             streamer: BaseStreamer | None = None, **model_kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Generate with SGRS; the signature of a transformers `custom_generate` callable (as `GenerationMixin._sample`).
+    A `streamer` gets each step's tokens (`put`, as `_sample` does; `generate` has put the prompt) and `end()`.
 
     Returns:
         The sequences `(batch, prompt + new)`, or a `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`
@@ -83,10 +85,14 @@ def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor
         method.stats["fallbacks"] += int((active & ~choice.accepted).sum())
         tokens = torch.where(unfinished, choice.tokens, pad) if has_eos else choice.tokens
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
         unfinished &= ~stopping_criteria(input_ids, scores_out)
         first = False
         if not unfinished.any():
             break
+    if streamer is not None:
+        streamer.end()
 
     if not keep:
         return input_ids
