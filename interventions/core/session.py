@@ -32,8 +32,8 @@ class Session:
         self.roles: TokenRoles | None = None
         self._image_ids = adapter.image_token_ids(model)
         self._boundary_ids = adapter.boundary_token_ids(model)
-        #: chat template `(prefix ids, suffix ids)`, set by `Handle.set_template`
-        self.template: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        #: chat template `(prefix ids, suffix ids, ids after the last image)`, set by `Handle.set_template`
+        self.template: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
         self._prompt_len: int | None = None  # set while `generate` runs
         self._generate_depth = 0  # nesting of `generate` calls (a decoding loop may call generate itself)
         self._by_layer: dict[int, list[Method]] = {}
@@ -45,6 +45,16 @@ class Session:
         self.branches = BranchRunner(self, methods, self._image_ids, self._boundary_ids)
         self._branch_layers = self.branches.layers()
         self._undo: list[Any] = []
+
+    @property
+    def image_ids(self) -> tuple[int, ...]:
+        """The model's image placeholder ids."""
+        return self._image_ids
+
+    def add_boundary_ids(self, ids: tuple[int, ...]) -> None:
+        """Count `ids` as image markers too (template tokens; dropped with the images in a text-only branch)."""
+        merged = tuple(dict.fromkeys(self._boundary_ids + tuple(ids)))
+        self._boundary_ids = self.branches._boundary_ids = merged
 
     # ---- attach / detach -------------------------------------------------------------------------------------
     def attach(self) -> None:

@@ -26,6 +26,8 @@ class FamilyAdapter:
             wins per entry (e.g. `"image_token_id|image_token_index"`).
         boundary_token_attrs (`tuple[str, ...]`): the same for the markers around an image (vision start/end,
             BOI/EOI), which count as template tokens.
+        boundary_tokens (`tuple[str, ...]`): marker tokens around an image that the config does not name, read from
+            the tokenizer given to `Handle.set_template` (Idefics3/SmolVLM's `<fake_token_around_image>`).
         source (`str`): where the layout facts come from.
     """
 
@@ -34,6 +36,7 @@ class FamilyAdapter:
     has_images: bool
     visual_token_attrs: tuple[str, ...] = ()
     boundary_token_attrs: tuple[str, ...] = ()
+    boundary_tokens: tuple[str, ...] = ()
     source: str = ""
 
     def decoder(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -11,5 +11,6 @@ IDEFICS3 = register(FamilyAdapter(
     model_types=("idefics3", "smolvlm"),
     has_images=True,
     visual_token_attrs=("image_token_id",),
+    boundary_tokens=("<fake_token_around_image>", "<global-img>"),
     source="transformers models/{idefics3,smolvlm}/modeling_*.py",
 ))
