@@ -57,7 +57,11 @@ class FamilyAdapter:
 
     def boundary_token_ids(self, model: torch.nn.Module) -> tuple[int, ...]:
         """Ids of the markers around an image."""
-        return _config_ids(model.config, self.boundary_token_attrs)
+        return self.config_boundary_ids(model.config)
+
+    def config_boundary_ids(self, config) -> tuple[int, ...]:
+        """Ids of the markers around an image that `config` names (those of `boundary_tokens` need a tokenizer)."""
+        return _config_ids(config, self.boundary_token_attrs)
 
 
 def _config_ids(config, entries: tuple[str, ...]) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..errors import InputError
-from .sgrs import CandidateSaliency
+from .sgrs import CandidateSaliency, history_keys
 from .sgrs_select import History, Sampler, choose, sample_seeds
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor
             if logits_out is not None:
                 logits_out += (logits,)
             active = unfinished.clone()
-            step_saliency = CandidateSaliency(probes, graph.logits[:, -1]) if probe else None
+            step_saliency = CandidateSaliency(probes, graph.logits[:, -1], _keys(method, probes)) if probe else None
             choice = choose(scores, cfg.top_k, cfg.retries, draw, active, history.thresholds(), step_saliency)
         outputs = graph = step_saliency = None  # free the step's graph
         if probe:
@@ -109,6 +109,11 @@ def _check(generation_config: GenerationConfig, input_ids: torch.Tensor) -> None
     if input_ids.shape[1] == 0:
         raise InputError("sgrs needs input_ids (the token roles and the saliency's keys come from them), "
                          "not inputs_embeds alone")
+
+
+def _keys(method: Sgrs, probes: dict) -> torch.Tensor:
+    """J of this step, from the first target layer's call (the same roles and query in every layer)."""
+    return history_keys(probes[min(probes)][1], method.config.keys, method.boundary_ids)
 
 
 def _refeed_last_token(model: Any, input_ids: torch.Tensor, model_kwargs: dict, use_cache: bool) -> Any:
