@@ -110,6 +110,12 @@ class CarveConfig(MethodConfig):
                                 "questions on the same image (pass Q then runs alone)",
                                 "[paper] App. C (up to 1.59× faster with several questions per image); spec §5",
                                 boolean)
+    compat: str = param("project", "how the token grid maps onto an original image given as generate(images=...): "
+                        "'project' through the processor's geometry (LLaVA's grid covers only its centre crop), "
+                        "'official' stretched over the whole image, as the code's bilinear upsampling to the image "
+                        "size (ignores the crop: off-centre by up to the cropped margin)",
+                        "[code] pipeline.py resize of the grid to the original size; [project] centre-crop geometry",
+                        choice("project", "official"))
     general_prompt: str = param("Write a general description of the image.", "instruction of pass G",
                                 "[code]; [paper] App. D", text)
     answer_suffix: str = param("Answer the question using a single word or phrase.", "appended to the general "
@@ -190,7 +196,7 @@ class Carve(Method):
         plain = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, self._image_id}
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self._special = special - plain
-        self._suffix = prompts.template_suffix(self.processor)
+        self._suffix, self._after = prompts.template_parts(self.processor, (self._image_id,))
         self._pixels: dict[str, Any] = {}
         self._capture: dict[int, list[torch.Tensor]] | None = None
         self._general_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -281,7 +287,7 @@ class Carve(Method):
         view = sample_view(self._family, self._model_config, self.processor.image_processor, pixels)
         nested = self._family in _NESTED
         prompt = prompts.split_prompt(ids, per_position, prompts.image_block(self.processor, [view.image], nested),
-                                      self._image_id, self._special, self._suffix)
+                                      self._image_id, self._special, self._suffix, self._after)
         task_inputs = {"input_ids": ids[None], **{key: value[None] for key, value in per_position.items()}}
         general_inputs = prompts.general_inputs(prompt, self._general_ids)
         key = _cache_key(general_inputs["input_ids"], pixels) if cfg.cache_general else None
@@ -305,7 +311,8 @@ class Carve(Method):
         image, placed = view.image, view.placed
         if original is not None:
             image = original
-            placed = on_original(view, self._family, self.processor.image_processor, (image.height, image.width))
+            placed = on_original(view, self._family, self.processor.image_processor, (image.height, image.width),
+                                 stretch=cfg.compat == "official")
         saliency = pixel_map(fuse(con, cfg.time_steps), placed, (image.height, image.width))
         kept = keep_regions(saliency, threshold(saliency, cfg.keep), cfg.regions, cfg.region_count_mode,
                             cfg.keep)

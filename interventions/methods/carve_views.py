@@ -153,12 +153,14 @@ def _idefics3(grid: Grid, image_processor: Any, pixels: torch.Tensor, mask: torc
     return View(image, (Placed(grid, (0.0, 0.0, h / size_h, w / size_w)),))
 
 
-def on_original(view: View, family: str, image_processor: Any, size: tuple[int, int]) -> tuple[Placed, ...]:
+def on_original(view: View, family: str, image_processor: Any, size: tuple[int, int],
+                stretch: bool = False) -> tuple[Placed, ...]:
     """The grids of `view` re-expressed over the original image of `size` (height, width) that the processor
     turned into the view: the whole original, except for LLaVA's centre crop (a resize of the shortest edge, then
-    a crop), which saw only a centred box of it; pixels outside that box take the nearest edge cell's value."""
+    a crop), which saw only a centred box of it; pixels outside that box take the nearest edge cell's value.
+    `stretch`: the official code's mapping, the view's grids stretched over the whole original (no crop)."""
     top, left, bottom, right = 0.0, 0.0, 1.0, 1.0
-    if family == "llava" and getattr(image_processor, "do_center_crop", False):
+    if not stretch and family == "llava" and getattr(image_processor, "do_center_crop", False):
         height, width = size
         short = image_processor.size["shortest_edge"]
         scale = short / min(height, width)
