@@ -7,8 +7,8 @@
 - `num_return_sequences` with sampling: the same prompt repeated in the batch by hand, with the same seed;
 - the pairs that cannot follow a reordered cache (pag, pai `use_cfg`, sgrs) raise a clear error.
 EOS and the other special ids are suppressed (`suppress_tokens`): no hypothesis finishes early or writes an image
-placeholder (a generated one is text to the wrapper, an image to a full recompute); `length_penalty=0` makes a sequence's
-score the sum of its token log-probabilities.
+placeholder (a generated one is text to the wrapper, an image to a full recompute); `length_penalty=0` makes a
+sequence's score the sum of its token log-probabilities.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import functools
 
 import pytest
 import torch
-from tiny_models import FIRST_TEXT_ID, LLM_FAMILIES, VLM_FAMILIES, Prompt, build_model, make_inputs
+from tiny_models import (
+    FIRST_TEXT_ID,
+    LLM_FAMILIES,
+    VLM_FAMILIES,
+    Prompt,
+    build_model,
+    make_inputs,
+)
 
 import interventions as iv
 from interventions.errors import InputError
