@@ -51,8 +51,7 @@ from typing import Any
 import torch
 
 from ..core.branch import MAIN
-from ..core.templates import boundary_ids
-from ..families import FAMILIES
+from ..core.templates import boundary_ids, config_boundary
 from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
 from .params import MethodConfig, boolean, choice, int_list, number, optional, param
 
@@ -103,16 +102,14 @@ class Sgrs(Method):
     def bind(self, model: ModelInfo) -> None:
         cfg: SgrsConfig = self.config
         self.layers = layer_range(model, "sgrs", cfg.layers, preset_layers(model.family, model.num_layers))
-        self._adapter = FAMILIES.get(model.config.model_type) if model.config.model_type in FAMILIES else None
-        self.boundary_ids = () if self._adapter is None else self._adapter.config_boundary_ids(model.config)
+        self._adapter, self.boundary_ids = config_boundary(model.config)
         self.touched_layers = frozenset() if cfg.alpha == 0 else self.layers
         self._probes: dict[int, tuple[torch.Tensor, AttentionCall]] | None = None
         #: counts of the last `generate`, summed over the batch: steps, rejected candidates, fallbacks
         self.stats: dict[str, int] = {}
 
     def use_tokenizer(self, tokenizer: Any) -> None:
-        if self._adapter is not None:
-            self.boundary_ids = tuple(dict.fromkeys(self.boundary_ids + boundary_ids(self._adapter, tokenizer)))
+        self.boundary_ids = tuple(dict.fromkeys(self.boundary_ids + boundary_ids(self._adapter, tokenizer)))
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[dict[int, tuple[torch.Tensor, AttentionCall]]]:

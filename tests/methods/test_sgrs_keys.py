@@ -44,3 +44,34 @@ def test_after_image_keys_are_every_position_after_the_image_and_question_keys_t
     assert official.nonzero().flatten().tolist() == list(range(after_image, len(ids)))
     assert tok.convert_ids_to_tokens(ids[official].tolist()) == ["\n", *QUESTION.split(), "ASSISTANT:"]
     assert ids[question].tolist() == tok(QUESTION, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def test_idefics3_closing_fake_token_is_not_a_key_once_the_tokenizer_names_it():
+    """Idefics3's config names no image markers: `<fake_token_around_image>` after the image is excluded from J
+    once `set_template` gives the processor's tokenizer (its id becomes a boundary token)."""
+    model = build_model("idefics3")
+    tok = tokenizer("idefics3", words=("User:", "Assistant:", *" ".join(templates.TEXTS).split()),
+                    specials=("<|begin_of_text|>",), newlines=True)
+    processor = build_processor("idefics3", tok)
+    processor.chat_template = json.loads((Path(__file__).parent.parent / "fixtures" / "chat_templates" /
+                                          "vlm_chat_templates.json").read_text())["idefics3"]["template"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    text = tok.apply_chat_template(messages, chat_template=processor.chat_template, add_generation_prompt=True,
+                                   tokenize=False)
+    image = PIL.Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 28, 3), dtype=np.uint8))
+    inputs = dict(processor(text=[text], images=[[image]], return_tensors="pt", add_special_tokens=False))
+    ids = inputs["input_ids"][0]
+    fake = tok.convert_tokens_to_ids("<fake_token_around_image>")
+    after_image = int((ids == IMAGE_ID).nonzero().max()) + 1
+    assert ids[after_image] == fake
+    with iv.apply(model, "sgrs", alpha=1.0, layers=[1]) as handle:
+        model(**inputs)
+        call = SimpleNamespace(roles=handle.roles, query_positions=torch.tensor([len(ids) - 1]))
+        before = history_keys(call, "after_image", handle.methods[0].boundary_ids)[0]
+        handle.set_template(processor)
+        model(**inputs)
+        call = SimpleNamespace(roles=handle.roles, query_positions=torch.tensor([len(ids) - 1]))
+        keys = history_keys(call, "after_image", handle.methods[0].boundary_ids)[0]
+    assert bool(before[after_image]) and not bool(keys[after_image])
+    assert keys.nonzero().flatten().tolist() == list(range(after_image + 1, len(ids)))
