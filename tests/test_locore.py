@@ -21,10 +21,10 @@ from tiny_models import (
 )
 
 import interventions as iv
-from interventions.families import resolve
 from interventions.core.roles import TokenRoles
 from interventions.core.rows import RowLogits
 from interventions.errors import ConfigError
+from interventions.families import resolve
 from interventions.methods.base import AttentionCall, ModelInfo
 from interventions.methods.locore import Locore, LocoreConfig
 
