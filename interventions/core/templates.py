@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
 import PIL.Image
 
 from ..errors import ConfigError
@@ -67,7 +68,7 @@ def _render(tokenizer: Any, template: str, text: str, image: bool) -> str:
         try:
             rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=template,
                                                      add_generation_prompt=True, tokenize=False)
-        except (TypeError, KeyError, AttributeError):  # a template for string content given a list, or the reverse
+        except (TypeError, KeyError, AttributeError, jinja2.TemplateError):  # string content given a list, or the reverse
             continue
         if text in rendered:
             return rendered
