@@ -167,7 +167,7 @@ def test_carve_beams_are_the_plain_beam_search_of_its_final_prompt(family, monke
     import PIL.Image
     from tiny_processors import build_processor, prompt_inputs
 
-    from interventions.methods.carve import Carve
+    from interventions.methods.carve.method import Carve
 
     model, processor = _model(family), build_processor(family)
     image = PIL.Image.fromarray(np.random.RandomState(0).randint(0, 256, (20, 28, 3), dtype=np.uint8))

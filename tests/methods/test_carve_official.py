@@ -13,10 +13,10 @@ from tiny_processors import build_processor, tokenizer
 
 import interventions as iv
 from interventions.core import templates
-from interventions.methods.carve import Carve
-from interventions.methods.carve_prompts import OFFICIAL_LLAVA_TEMPLATE
-from interventions.methods.carve_refine import Placed, contrast, fuse, pixel_map
-from interventions.methods.cca_geometry import Grid
+from interventions.methods.carve.method import Carve
+from interventions.methods.carve.prompts import OFFICIAL_LLAVA_TEMPLATE
+from interventions.methods.carve.refine import Placed, contrast, fuse, pixel_map
+from interventions.core.geometry import Grid
 
 GENERAL = "Write a general description of the image."
 SUFFIX = "Answer the question using a single word or phrase."

@@ -16,7 +16,7 @@ from tiny_processors import build_processor, tokenizer
 
 import interventions as iv
 from interventions.core import templates
-from interventions.methods.sgrs import history_keys
+from interventions.methods.sgrs.method import history_keys
 
 TEMPLATE = json.loads((Path(__file__).parent.parent / "fixtures" / "chat_templates" /
                        "vlm_chat_templates.json").read_text())["llava"]["template"]
