@@ -21,18 +21,14 @@ TEXTS = ("Alpha question?", "Different words here.")
 _IMAGE_SIZE = (32, 32)
 
 
-def config_boundary(config: Any) -> tuple[Any, tuple[int, ...]]:
-    """The family adapter of a model config (None when unknown) and the image-marker ids the config names."""
-    from ..families import FAMILIES
-
-    model_type = getattr(config, "model_type", None)
-    adapter = FAMILIES.get(model_type) if model_type in FAMILIES else None
-    return adapter, (() if adapter is None else adapter.config_boundary_ids(config))
+def config_boundary(layout: Any, config: Any) -> tuple[int, ...]:
+    """The image-marker ids that `config` names, per the family `layout` (its adapter; none without one)."""
+    return () if layout is None else tuple(layout.config_boundary_ids(config))
 
 
 def boundary_ids(adapter: Any, tokenizer: Any) -> tuple[int, ...]:
     """Ids of the family's `boundary_tokens` in `tokenizer`'s vocabulary (those it has)."""
-    if adapter is None:
+    if adapter is None or not getattr(adapter, "boundary_tokens", ()):
         return ()
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return tuple(vocab[token] for token in adapter.boundary_tokens if token in vocab)

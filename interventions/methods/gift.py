@@ -140,10 +140,11 @@ class Gift(Method):
         if cfg.content_words == "spacy" and not _spacy_available():
             raise ConfigError("gift: content_words='spacy' needs spacy and its en_core_web_sm model installed; "
                               "use 'auto', 'stopwords' or 'all'")
-        if cfg.official_span_offsets and model.family not in OFFICIAL_START:
+        start = OFFICIAL_START.get(model.family)
+        if cfg.official_span_offsets and start is None:
             raise ConfigError(f"gift: official_span_offsets are defined for {', '.join(OFFICIAL_START)} (the official "
                               f"code's templates), not {model.family}; use the token roles (Handle.set_template)")
-        self._start = OFFICIAL_START.get(model.family) if cfg.official_span_offsets else None
+        self._start = start if cfg.official_span_offsets else None
         self.alpha = float(pick["alpha"])
         self.saliency_layers, self.enhancement_layers = saliency, enhancement
         self._num_heads = model.num_heads

@@ -63,7 +63,8 @@ class Locore(Method):
         layers = layer_range(model, "locore", cfg.layers, range(model.num_layers))
         self.touched_layers = layers
         self._first_row_offset = 1 if cfg.apply_on_prefill_last_row else 0
-        self._adapter, self.boundary_ids = config_boundary(model.config)
+        self._adapter = model.layout
+        self.boundary_ids = config_boundary(model.layout, model.config)
 
     def use_tokenizer(self, tokenizer: Any) -> None:
         self.boundary_ids = tuple(dict.fromkeys(self.boundary_ids + boundary_ids(self._adapter, tokenizer)))

@@ -107,7 +107,8 @@ class Sgrs(Method):
     def bind(self, model: ModelInfo) -> None:
         cfg: SgrsConfig = self.config
         self.layers = layer_range(model, "sgrs", cfg.layers, preset_layers(model.family, model.num_layers))
-        self._adapter, self.boundary_ids = config_boundary(model.config)
+        self._adapter = model.layout
+        self.boundary_ids = config_boundary(model.layout, model.config)
         self.touched_layers = self.layers
         self._probes: dict[int, tuple[torch.Tensor, AttentionCall]] | None = None
         #: counts of the last `generate`, summed over the batch: steps, rejected candidates, fallbacks
