@@ -14,6 +14,7 @@ import torch
 from . import families as _families
 from . import methods as _methods
 from . import saved as _saved
+from .core import templates as _templates
 from .core.attention import KEYS
 from .core.contract import Capability, Method, ModelInfo
 from .core.roles import TokenRoles
@@ -114,34 +115,33 @@ class Handle:
             config["model"]["id"] = model_id
         return _saved.write_config(config, folder)
 
-    def set_template(self, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Learn the chat template's fixed token prefix and suffix around a user message, so that token roles
-        mark them as template and `roles.question` is the user's text alone; methods that read words get the
-        tokenizer too.
+    def set_template(self, processor: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Learn the chat template's fixed tokens around a user message, so that token roles mark them as template
+        and `roles.question` is the user's text alone; methods that read words get the tokenizer too.
+
+        The template is read from the processor, else its tokenizer. A user turn is rendered with string content,
+        or with a list of typed parts where the template reads only lists (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM);
+        for a VLM processor, also with an image part, expanded by the processor itself, so that what the template
+        and the processor put between the image and the text (LLaVA's newline, Idefics3's
+        `<fake_token_around_image>`, Gemma3's end-of-image and `"\\n\\n"`) is template too. The family's image
+        markers named by the processor's tokenizer (Idefics3/SmolVLM) become boundary tokens.
 
         Args:
-            tokenizer: a tokenizer with a chat template, or a processor holding one (`.tokenizer`).
+            processor: a processor or a tokenizer with a chat template.
 
         Returns:
             `(prefix ids, suffix ids)`: the ids common to two renderings with different user texts.
+
+        Raises:
+            ConfigError: neither the processor nor its tokenizer has a chat template, or the template drops the
+                user's text.
         """
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-        renders = [
-            tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=True)["input_ids"]
-            for text in ("Alpha question?", "Different words here.")
-        ]
-        a, b = (list(r[0] if r and isinstance(r[0], list) else r) for r in renders)
-        prefix = 0
-        while prefix < min(len(a), len(b)) and a[prefix] == b[prefix]:
-            prefix += 1
-        suffix = 0
-        while suffix < min(len(a), len(b)) - prefix and a[-1 - suffix] == b[-1 - suffix]:
-            suffix += 1
-        self._session.template = (tuple(a[:prefix]), tuple(a[len(a) - suffix:]))
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self._session.add_boundary_ids(_templates.boundary_ids(self._session.adapter, tokenizer))
+        self._session.template = _templates.learn(processor, tokenizer, self._session.image_ids)
         for method in self.methods:
             method.use_tokenizer(tokenizer)
-        return self._session.template
+        return self._session.template[:2]
 
     def unwrap(self) -> None:
         """Restore the model's original behaviour bit for bit. Safe to call twice."""

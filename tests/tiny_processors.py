@@ -41,28 +41,35 @@ PLACEHOLDER = {"qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
                "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>", "gemma3": "<start_of_image>"}
 
 
-def tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
-    """Word-level tokenizer over the tiny vocabulary, with `family`'s special tokens at their tiny ids."""
+def tokenizer(family: str, words: tuple[str, ...] = (), specials: tuple[str, ...] = (),
+              newlines: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """Word-level tokenizer over the tiny vocabulary, with `family`'s special tokens at their tiny ids; `words` and
+    `specials` (split out before words, e.g. a chat template's markers) get ids after `WORDS`; with `newlines`,
+    `"\\n"` is a token of its own (else whitespace)."""
     special = {tm.PAD_ID: "<pad>", tm.BOS_ID: "<s>", tm.EOS_ID: "</s>", **SPECIAL[family]}
     names = [special.get(i, f"w{i}") for i in range(tm.VOCAB_SIZE)]
-    for offset, word in enumerate(WORDS):
+    extra = [w for w in dict.fromkeys((*words, *specials, *(["\n"] if newlines else []))) if w not in names]
+    for offset, word in enumerate((*WORDS, *extra)):
         names[tm.FIRST_TEXT_ID + offset] = word
     core = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                   pre_tokenizers.Split(" ", "removed")])
+                          if newlines else pre_tokenizers.WhitespaceSplit())
     extra: dict[str, Any] = {}
     if family == "gemma3":
         extra["extra_special_tokens"] = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
                                          "eoi_token": "<end_of_image>"}
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
                                                 eos_token="</s>", **extra)
-    fast.add_tokens(list(special.values()), special_tokens=True)
+    fast.add_tokens([*special.values(), *specials], special_tokens=True)
     return fast
 
 
-def build_processor(family: str) -> ProcessorMixin:
-    """The processor of `family` for the tiny model of `tiny_models.build_model(family)`."""
+def build_processor(family: str, tok: transformers.PreTrainedTokenizerFast | None = None) -> ProcessorMixin:
+    """The processor of `family` for the tiny model of `tiny_models.build_model(family)` (with `tok`, else the
+    family's `tokenizer`)."""
     image_processor = tm._FAMILY_SPECS[family].image_processor()
-    tok = tokenizer(family)
+    tok = tok or tokenizer(family)
     if family in ("llava", "llava_next"):
         cls = transformers.LlavaProcessor if family == "llava" else transformers.LlavaNextProcessor
         return cls(image_processor, tok, patch_size=4, vision_feature_select_strategy="default",

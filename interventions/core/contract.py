@@ -209,6 +209,10 @@ class Method:
     def start_sequence(self, roles: TokenRoles) -> None:
         """Forget per-sequence state; called before each forward that starts from an empty cache."""
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Beam search reordered the batch's rows (row `i` continues old row `index[i]`): reorder per-row state kept
+        across decode steps (the KV cache and the token roles are reordered already)."""
+
     def request(self, call: AttentionCall) -> RowRequest | None:
         """Rows and heads to edit in this call, or `None` to leave it alone."""
         return None

@@ -90,6 +90,13 @@ class TokenRoles:
         return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
                           torch.cat([self.template, pad], 1), self.prompt_len, ids)
 
+    def select_rows(self, index: torch.Tensor) -> TokenRoles:
+        """The roles of rows `index` (a beam search's reordering of the batch)."""
+        index = index.to(self.valid.device)
+        ids = None if self.ids is None else self.ids.index_select(0, index)
+        return TokenRoles(self.valid.index_select(0, index), self.image.index_select(0, index),
+                          self.template.index_select(0, index), self.prompt_len, ids)
+
     def _repeat(self, times: int) -> TokenRoles:
         """Each sample's roles `times` times in a row (the order of `Cache.batch_repeat_interleave`)."""
         ids = None if self.ids is None else self.ids.repeat_interleave(times, 0)
@@ -105,17 +112,20 @@ class TokenRoles:
     def from_prompt(cls, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
                     image_token_ids: tuple[int, ...], length: int, batch_size: int, prompt_len: int,
                     device: torch.device, boundary_ids: tuple[int, ...] = (),
-                    template: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> TokenRoles:
+                    template: tuple[tuple[int, ...], ...] | None = None) -> TokenRoles:
         """Roles of a fresh sequence (empty cache) of `length` positions.
 
-        `template` is the chat template's fixed `(prefix ids, suffix ids)`: matched at the start of each sample's
-        tokens and at the end of its prompt. `boundary_ids` (image start/end markers) count as template too.
+        `template` is the chat template's fixed `(prefix ids, suffix ids[, ids after the image])`: matched at the
+        start of each sample's tokens, at the end of its prompt and right after its last prompt image token.
+        `boundary_ids` (image start/end markers) count as template too.
         """
         valid = _valid(attention_mask, batch_size, length, device)
         image = _image(input_ids, image_token_ids, batch_size, length, device) & valid
         marks = _image(input_ids, boundary_ids, batch_size, length, device) & valid
         if template is not None and input_ids is not None:
-            marks |= _template(input_ids, valid, prompt_len, *template)
+            marks |= _template(input_ids, valid, prompt_len, *template[:2])
+            if len(template) > 2 and template[2]:
+                marks |= _after_image(input_ids, valid, image, prompt_len, template[2])
         return cls(valid, image, marks, prompt_len, None if input_ids is None else input_ids.to(device))
 
     def extend(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_len: int,
@@ -174,4 +184,18 @@ def _template(input_ids: torch.Tensor, valid: torch.Tensor, prompt_len: int, pre
             marks[b, positions[: len(prefix)]] = True
         if suffix and len(tokens) >= len(prefix) + len(suffix) and tokens[-len(suffix):] == list(suffix):
             marks[b, positions[-len(suffix):]] = True
+    return marks
+
+
+def _after_image(input_ids: torch.Tensor, valid: torch.Tensor, image: torch.Tensor, prompt_len: int,
+                 after: tuple[int, ...]) -> torch.Tensor:
+    """Positions right after each sample's last prompt image token that hold the template's `after` ids."""
+    marks = torch.zeros_like(valid)
+    for b in range(input_ids.shape[0]):
+        images = image[b, :prompt_len].nonzero().flatten()
+        if not len(images):
+            continue
+        positions = [p for p in range(int(images[-1]) + 1, prompt_len) if valid[b, p]][: len(after)]
+        if input_ids[b, positions].tolist() == list(after):
+            marks[b, positions] = True
     return marks

@@ -32,8 +32,8 @@ class Session:
         self.roles: TokenRoles | None = None
         self._image_ids = adapter.image_token_ids(model)
         self._boundary_ids = adapter.boundary_token_ids(model)
-        #: chat template `(prefix ids, suffix ids)`, set by `Handle.set_template`
-        self.template: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        #: chat template `(prefix ids, suffix ids, ids after the last image)`, set by `Handle.set_template`
+        self.template: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
         self._prompt_len: int | None = None  # set while `generate` runs
         self._generate_depth = 0  # nesting of `generate` calls (a decoding loop may call generate itself)
         self._by_layer: dict[int, list[Method]] = {}
@@ -45,6 +45,16 @@ class Session:
         self.branches = BranchRunner(self, methods, self._image_ids, self._boundary_ids)
         self._branch_layers = self.branches.layers()
         self._undo: list[Any] = []
+
+    @property
+    def image_ids(self) -> tuple[int, ...]:
+        """The model's image placeholder ids."""
+        return self._image_ids
+
+    def add_boundary_ids(self, ids: tuple[int, ...]) -> None:
+        """Count `ids` as image markers too (template tokens; dropped with the images in a text-only branch)."""
+        merged = tuple(dict.fromkeys(self._boundary_ids + tuple(ids)))
+        self._boundary_ids = self.branches._boundary_ids = merged
 
     # ---- attach / detach -------------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -107,7 +117,10 @@ class Session:
             if loops and not self._generate_depth:  # a loop's own nested `model.generate` calls run the standard one
                 if kwargs.get("custom_generate") is not None:
                     raise InputError(f"{loops[0].name} runs its own decoding loop; custom_generate cannot be given")
-                kwargs["custom_generate"] = loops[0].decoding_loop
+                loop = loops[0].decoding_loop
+                if kwargs.get("streamer") is not None:  # transformers gives a callable only its own new arguments
+                    loop = functools.partial(loop, streamer=kwargs["streamer"])
+                kwargs["custom_generate"] = loop
             config = kwargs.get("generation_config") or model.generation_config
             if self.branches.mirrors and (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1:
                 raise InputError("beam search reorders the main KV cache, which a branch's own cache (pag, pai "
@@ -145,6 +158,8 @@ class Session:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         mask = kwargs.get("attention_mask")
+        if cache is not None:
+            self._follow_reorders(cache)
         if past_len == 0:
             prompt_len = new_len if self._prompt_len is None else min(self._prompt_len, new_len)
             self.roles = TokenRoles.from_prompt(input_ids, mask, self._image_ids, new_len, batch, prompt_len,
@@ -160,6 +175,22 @@ class Session:
         if self.branches.owned:
             self.branches.before_main(args, kwargs, past_len)
         return self._override_positions(args, kwargs, new_len)
+
+    def _follow_reorders(self, cache: Any) -> None:
+        """Make `cache.reorder_cache(beam_idx)` (beam search) reorder the roles and the methods' per-row state too."""
+        if getattr(cache, "_interventions_session", None) is self:
+            return
+        original = cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.Tensor) -> Any:
+            if self.roles is not None:
+                self.roles = self.roles.select_rows(beam_idx)
+                for method in self.methods:
+                    method.reorder_rows(beam_idx)
+            return original(beam_idx)
+
+        cache.reorder_cache = reorder_cache
+        cache._interventions_session = self
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> Any:
         return self.branches.after_main(output) if self.stream == MAIN else None

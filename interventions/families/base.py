@@ -42,6 +42,8 @@ class FamilyAdapter:
             wins per entry (e.g. `"image_token_id|image_token_index"`).
         boundary_token_attrs (`tuple[str, ...]`): the same for the markers around an image (vision start/end,
             BOI/EOI), which count as template tokens.
+        boundary_tokens (`tuple[str, ...]`): marker tokens around an image that the config does not name, read from
+            the tokenizer given to `Handle.set_template` (Idefics3/SmolVLM's `<fake_token_around_image>`).
         source (`str`): where the layout facts come from.
     """
 
@@ -50,6 +52,7 @@ class FamilyAdapter:
     has_images: bool
     visual_token_attrs: tuple[str, ...] = ()
     boundary_token_attrs: tuple[str, ...] = ()
+    boundary_tokens: tuple[str, ...] = ()
     source: str = ""
     #: the processor takes one list of images per prompt (`images=[[img], ...]`)
     nests_images: bool = False
@@ -78,7 +81,11 @@ class FamilyAdapter:
 
     def boundary_token_ids(self, model: torch.nn.Module) -> tuple[int, ...]:
         """Ids of the markers around an image."""
-        return _config_ids(model.config, self.boundary_token_attrs)
+        return self.config_boundary_ids(model.config)
+
+    def config_boundary_ids(self, config) -> tuple[int, ...]:
+        """Ids of the markers around an image that `config` names (those of `boundary_tokens` need a tokenizer)."""
+        return _config_ids(config, self.boundary_token_attrs)
 
     # ---- inputs ------------------------------------------------------------------------------------------------
     def is_vision_input(self, name: str) -> bool:

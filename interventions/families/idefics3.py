@@ -63,5 +63,6 @@ IDEFICS3 = register(Idefics3Adapter(
     model_types=("idefics3", "smolvlm"),
     has_images=True,
     visual_token_attrs=("image_token_id",),
+    boundary_tokens=("<fake_token_around_image>", "<global-img>"),
     source="transformers models/{idefics3,smolvlm}/modeling_*.py",
 ))

@@ -36,12 +36,17 @@ from ..core.rows import RowLogits
 from ..errors import ConfigError
 from ..utils_imports import is_available
 from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, preset, register
-from ..core.params import MethodConfig, choice, int_list, number, optional, param
+from ..core.params import MethodConfig, boolean, choice, int_list, number, optional, param
 
 logger = logging.getLogger(__name__)
 
 #: the stream of the extra unmodified saliency prefill (`saliency_pass="separate"`)
 SALIENCY = "gift_saliency"
+
+#: official question start after the last image token, per family [code] inference.py (spec §3)
+OFFICIAL_START = {"llava": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
+#: official question end: the prompt's length minus this (inclusive), dropping the 5-token assistant tail
+OFFICIAL_END = 6
 
 #: spaCy coarse POS tags of content words [code] inference.py CONTENT_TAGS
 CONTENT_POS = frozenset({"NOUN", "PROPN", "VERB", "ADJ", "ADV", "NUM"})
@@ -98,6 +103,11 @@ class GiftConfig(MethodConfig):
                                "the official code), or 'auto' (same_prefill when possible, else separate)",
                                "[code] separate saliency pass; [derived] spec §5 same-prefill simplification",
                                choice("auto", "same_prefill", "separate"))
+    official_span_offsets: bool = param(False, "question span from the official code's hard-coded offsets (LLaVA "
+                                        "[last image + 3, len - 6], Qwen2-VL/2.5-VL [last image + 2, len - 6], "
+                                        "inclusive) instead of the token roles (set_template)",
+                                        "[code] inference.py q_s = v_e + 3 / v_e + 2, q_e = len - 6; spec §3, check 7",
+                                        boolean)
 
 
 @register
@@ -130,6 +140,11 @@ class Gift(Method):
         if cfg.content_words == "spacy" and not _spacy_available():
             raise ConfigError("gift: content_words='spacy' needs spacy and its en_core_web_sm model installed; "
                               "use 'auto', 'stopwords' or 'all'")
+        start = OFFICIAL_START.get(model.family)
+        if cfg.official_span_offsets and start is None:
+            raise ConfigError(f"gift: official_span_offsets are defined for {', '.join(OFFICIAL_START)} (the official "
+                              f"code's templates), not {model.family}; use the token roles (Handle.set_template)")
+        self._start = start if cfg.official_span_offsets else None
         self.alpha = float(pick["alpha"])
         self.saliency_layers, self.enhancement_layers = saliency, enhancement
         self._num_heads = model.num_heads
@@ -155,6 +170,16 @@ class Gift(Method):
             return  # a no-cache recompute of a generation keeps the map of its first prefill (no branch runs)
         self._map, self._content, self._acc = None, None, {}
 
+    def question(self, roles: TokenRoles) -> torch.Tensor:
+        """`(batch, length)` bool: the question tokens GIFT reads, `roles.question` or, with
+        `official_span_offsets`, the official `[v_e + start, len − 6]` of each sample (nothing without an image)."""
+        if self._start is None:
+            return roles.question
+        pos = torch.arange(roles.length, device=roles.valid.device)
+        last_image = torch.where(roles.prompt_image, pos, -1).amax(1, keepdim=True)
+        span = (pos >= last_image + self._start) & (pos <= roles.prompt_len - OFFICIAL_END)
+        return span & (last_image >= 0) & roles.valid
+
     def saliency_map(self) -> torch.Tensor | None:
         """`ĥ` of the last prefill, `(batch, prompt_len)` in [0, 1] on image positions, 0 elsewhere (S = exp(α·ĥ));
         None before a prefill or when no sample had a question."""
@@ -169,7 +194,7 @@ class Gift(Method):
         if self._reads_saliency(call):
             if not call.covers_prompt:
                 return None
-            question = roles.question.any(0)
+            question = self.question(roles).any(0)
             before = torch.cat([question[1:], question[:1] & False])  # the row before each question row
             rows = (question | before)[call.query_positions]
             return RowRequest(rows, read_only=True) if bool(rows.any()) else None
@@ -221,7 +246,7 @@ class Gift(Method):
         if self._map is not None:
             hat[:, : self._map.shape[1]] = self._map[:, :length]
         image = roles.prompt_image[:, None, None, :]
-        question = roles.question[:, None, None, :]
+        question = self.question(roles)[:, None, None, :]
         image_mass = (probs * image).sum(-1)  # (batch, heads, rows)
         visual_heads = _top_heads(image_mass, k)
         orig = (image_mass * visual_heads).sum(1)  # (batch, rows)
@@ -236,7 +261,7 @@ class Gift(Method):
     # ---- content words ---------------------------------------------------------------------------------------
     def _content_positions(self, roles: TokenRoles, b: int) -> torch.Tensor:
         """Positions of the content words of sample `b`'s question (all of it as the fallback)."""
-        question = roles.question[b, : roles.prompt_len].nonzero().flatten()
+        question = self.question(roles)[b, : roles.prompt_len].nonzero().flatten()
         mode = self.config.content_words
         if mode == "auto":
             mode = "spacy" if _spacy_available() else "stopwords"

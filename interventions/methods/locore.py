@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
+from ..core.templates import boundary_ids, config_boundary
 from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, preset, register
 from ..core.params import MethodConfig, boolean, int_list, number, optional, param
 
@@ -61,6 +63,11 @@ class Locore(Method):
         layers = layer_range(model, "locore", cfg.layers, range(model.num_layers))
         self.touched_layers = layers
         self._first_row_offset = 1 if cfg.apply_on_prefill_last_row else 0
+        self._adapter = model.layout
+        self.boundary_ids = config_boundary(model.layout, model.config)
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        self.boundary_ids = tuple(dict.fromkeys(self.boundary_ids + boundary_ids(self._adapter, tokenizer)))
 
     @property
     def is_neutral(self) -> bool:
@@ -68,10 +75,17 @@ class Locore(Method):
         return self.beta == 0
 
     def start_sequence(self, roles: TokenRoles) -> None:
-        # J starts after the sample's last image token (Sys_L + Img_L); 0 without an image. Generated tokens are
-        # text, so the prompt's value holds for the whole sequence
+        # J starts after the sample's image (Sys_L + Img_L): after its last image token and the image's closing
+        # markers (Qwen2-VL's <|vision_end|>, Gemma3's EOI, Idefics3's <fake_token_around_image>); 0 without an
+        # image. Generated tokens are text, so the prompt's value holds for the whole sequence
         keys = torch.arange(roles.length, device=roles.image.device)
-        self._text_start = torch.where(roles.image, keys, -1).amax(1) + 1  # (batch,)
+        start = torch.where(roles.image, keys, -1).amax(1) + 1  # (batch,)
+        if self.boundary_ids and roles.ids is not None:
+            marker = torch.isin(roles.ids, torch.tensor(self.boundary_ids, device=roles.ids.device)).tolist()
+            for b, row in enumerate(marker):
+                while start[b] > 0 and start[b] < roles.length and row[start[b]]:
+                    start[b] += 1
+        self._text_start = start
 
     def _edited(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
         return positions >= prompt_len - self._first_row_offset

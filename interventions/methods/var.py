@@ -124,6 +124,9 @@ class Var(Method):
         keys = torch.arange(roles.length, device=roles.image.device)
         self._first_image = torch.where(roles.image, keys, torch.iinfo(torch.long).max).amin(1, keepdim=True)
 
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        self._sinks = {layer: sinks.index_select(0, index.to(sinks.device)) for layer, sinks in self._sinks.items()}
+
     def sinks(self) -> dict[int, torch.Tensor]:
         """Sink tokens of the current sequence, `{layer: (batch, length) bool}` (text and visual)."""
         return dict(self._sinks)

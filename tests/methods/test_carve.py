@@ -147,7 +147,7 @@ def test_general_prompt_keeps_image_segment_and_template_suffix():
     processor = build_processor("llava")
     processor.chat_template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}"
                                "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}ASSISTANT:")
-    suffix = prompts.template_suffix(processor)
+    suffix, _ = prompts.template_parts(processor, (3,))
     assert processor.tokenizer.convert_ids_to_tokens(list(suffix)) == ["ASSISTANT:"]
     inputs = processor(text=["<s> USER: <image> what is in the image ? ASSISTANT:"], images=[_image()],
                        return_tensors="pt")

@@ -24,15 +24,17 @@ import interventions as iv
 from interventions.core.roles import TokenRoles
 from interventions.core.rows import RowLogits
 from interventions.errors import ConfigError
+from interventions.families import resolve
 from interventions.methods.base import AttentionCall, ModelInfo
 from interventions.methods.locore import Locore, LocoreConfig
 
 LAYER = 0  # its queries and keys do not depend on any edit, so a plain forward gives the reference's inputs
 
 
-def locore_reference(a, image, first_row, beta, window, include_self=False):
-    """On rows q >= first_row: keys j past the sample's last image token with lo <= q - j <= window get ×(1+beta);
-    the row is renormalised."""
+def locore_reference(a, image, first_row, beta, window, include_self=False, closing=None):
+    """On rows q >= first_row: keys j past the sample's image (its last image token and the `closing` markers right
+    after it, e.g. Qwen2-VL's <|vision_end|>: the spec's text start) with lo <= q - j <= window get ×(1+beta); the
+    row is renormalised."""
     out = a.clone()
     batch, _, length, _ = a.shape
     keys = torch.arange(length)
@@ -40,6 +42,8 @@ def locore_reference(a, image, first_row, beta, window, include_self=False):
     for b in range(batch):
         images = image[b].nonzero().flatten().tolist()
         text_start = images[-1] + 1 if images else 0
+        while images and closing is not None and text_start < length and closing[b, text_start]:
+            text_start += 1
         for q in range(first_row, length):
             window_keys = (keys >= text_start) & (q - keys >= lo) & (q - keys <= window)
             row = a[b, :, q] * torch.where(window_keys, 1 + beta, 1.0).to(a.dtype)
@@ -155,7 +159,8 @@ def test_decode_rows_equal_spec_formula_fp64_cached_and_recomputed(family):
     a = plain_probs(capture(model, sequence)[LAYER])
     prompt_len = inputs["input_ids"].shape[1]
     image = sequence["input_ids"] == (getattr(model.config, "image_token_id", None) or -1)
-    expected = locore_reference(a, image, prompt_len, beta, window)
+    markers = torch.tensor(resolve(model).boundary_token_ids(model) or [-1])
+    expected = locore_reference(a, image, prompt_len, beta, window, closing=torch.isin(sequence["input_ids"], markers))
     got = full.attentions[-1][LAYER]
     valid = sequence["attention_mask"].bool()[:, None, :, None]
     torch.testing.assert_close(got.where(valid, 0), expected.where(valid, 0), atol=1e-6, rtol=0)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GENERATION_MODES_MAPPING
 
 from ...core.branch import MAIN
@@ -106,6 +107,12 @@ class CarveConfig(MethodConfig):
                                 "questions on the same image (pass Q then runs alone)",
                                 "[paper] App. C (up to 1.59× faster with several questions per image); spec §5",
                                 boolean)
+    compat: str = param("project", "how the token grid maps onto an original image given as generate(images=...): "
+                        "'project' through the processor's geometry (LLaVA's grid covers only its centre crop), "
+                        "'official' stretched over the whole image, as the code's bilinear upsampling to the image "
+                        "size (ignores the crop: off-centre by up to the cropped margin)",
+                        "[code] pipeline.py resize of the grid to the original size; [project] centre-crop geometry",
+                        choice("project", "official"))
     general_prompt: str = param("Write a general description of the image.", "instruction of pass G",
                                 "[code]; [paper] App. D", text)
     answer_suffix: str = param("Answer the question using a single word or phrase.", "appended to the general "
@@ -185,7 +192,7 @@ class Carve(Method):
         plain = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, self._image_id}
         special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         self._special = special - plain
-        self._suffix = prompts.template_suffix(self.processor)
+        self._suffix, self._after = prompts.template_parts(self.processor, (self._image_id,))
         self._pixels: dict[str, Any] = {}
         self._capture: dict[int, list[torch.Tensor]] | None = None
         self._general_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -213,17 +220,18 @@ class Carve(Method):
     # ---- the three passes ------------------------------------------------------------------------------------
     def decoding_loop(self, model: Any, input_ids: torch.Tensor, logits_processor: Any = None,
                       stopping_criteria: Any = None, generation_config: Any = None, images: Any = None,
-                      **model_kwargs: Any) -> Any:
+                      streamer: Any = None, **model_kwargs: Any) -> Any:
         """The transformers `custom_generate` callable installed in the user's `generate` (see module docstring).
 
         `images` (`PIL.Image.Image`, or a list with one per prompt, *optional*): the original images the processor
         was given, passed as `model.generate(**inputs, images=image)`; CARVE then maps, crops and magnifies them at
-        their own resolution instead of the images rebuilt from `pixel_values`.
+        their own resolution instead of the images rebuilt from `pixel_values`. A `streamer` gets pass F's new tokens
+        (`put` step by step; `generate` has put the user's prompt) and one `end()` after the last prompt.
         """
         if self.config.is_neutral:
             mode = getattr(type(model), GENERATION_MODES_MAPPING[generation_config.get_generation_mode()])
             return mode(model, input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                        generation_config=generation_config, **model_kwargs)
+                        generation_config=generation_config, streamer=streamer, **model_kwargs)
         expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
         batch = input_ids.shape[0] // expand
         if batch > 1 and generation_config.return_dict_in_generate:
@@ -242,10 +250,13 @@ class Carve(Method):
                 pixels = self._pixels if batch == 1 else self._layout.sample_pixels(self._pixels, b, batch, "carve")
                 inputs = self._run(model, input_ids[first:first + 1], own, pixels, originals[b])
                 out = model.generate(**inputs, generation_config=_final_config(generation_config,
-                                                                                input_ids.shape[1]))
+                                                                                input_ids.shape[1]),
+                                     streamer=None if streamer is None else _NewTokens(streamer))
                 outs.append(_with_user_prompt(out, input_ids[first:first + expand], inputs["input_ids"].shape[1]))
         finally:
             self._running, self._pixels = False, {}
+            if streamer is not None:
+                streamer.end()
         if batch == 1:
             return outs[0]
         pad = generation_config.pad_token_id
@@ -272,7 +283,7 @@ class Carve(Method):
         view = self._layout.pixel_view(self._model_config, self.processor.image_processor, pixels, "carve")
         nested = self._layout.nests_images
         prompt = prompts.split_prompt(ids, per_position, prompts.image_block(self.processor, [view.image], nested),
-                                      self._image_id, self._special, self._suffix)
+                                      self._image_id, self._special, self._suffix, self._after)
         task_inputs = {"input_ids": ids[None], **{key: value[None] for key, value in per_position.items()}}
         general_inputs = prompts.general_inputs(prompt, self._general_ids)
         key = _cache_key(general_inputs["input_ids"], pixels) if cfg.cache_general else None
@@ -296,7 +307,8 @@ class Carve(Method):
         image, placed = view.image, view.placed
         if original is not None:
             image = original
-            placed = self._layout.on_original(view, self.processor.image_processor, (image.height, image.width))
+            placed = (view.placed if cfg.compat == "official"  # the code's stretch over the whole image
+                      else self._layout.on_original(view, self.processor.image_processor, (image.height, image.width)))
         saliency = pixel_map(fuse(con, cfg.time_steps), placed, (image.height, image.width))
         kept = keep_regions(saliency, threshold(saliency, cfg.keep), cfg.regions, cfg.region_count_mode,
                             cfg.keep)
@@ -346,6 +358,22 @@ class Carve(Method):
             length = int(hits[0, 0]) + 1 if len(hits) else new.shape[1]  # finished rows are padded afterwards
             results.append((rows[:length, :, b], new[b, :length]))
         return results
+
+
+class _NewTokens(BaseStreamer):
+    """Relays a nested `generate`'s new tokens to the user's streamer: its first `put` (pass F's own prompt, not the
+    user's) and its `end()` are dropped."""
+
+    def __init__(self, streamer: Any) -> None:
+        self.streamer, self.prompt_seen = streamer, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.streamer.put(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        """The user's streamer ends once, after the last prompt."""
 
 
 def _left_pad(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 The user's prompt is `[before][image segment][question][template suffix]`. The image segment is what the processor
 writes for one image placeholder (e.g. `<fake_token_around_image><global-img><image>…`, Gemma3's `\\n\\n<boi>…`)
 plus the special tokens around it that are not BOS/EOS/padding (Qwen's `<|vision_start|>`/`<|vision_end|>`).
-The template suffix is the chat template's fixed tail after a user message (empty without a chat template).
+The template suffix is the chat template's fixed tail after a user message, and what it puts between the image and
+the text (LLaVA's `\\n`) is kept too (both empty without a chat template): pass G is `[before][image segment]
+[template][general instruction][template suffix]`, as the official code writes it.
 
 - pass G: the question is replaced by the general instruction; the image segment is unchanged, so the image
   encoding of pass Q is reused (`mm_encoder_outputs`);
@@ -18,7 +20,15 @@ from typing import Any
 
 import torch
 
+from ...core import templates
 from ...errors import InputError
+
+#: the official code's LLaVA-1.5 prompt (ViCrop style, not llava-hf's template): `<image>\\nUSER: {text}\\nASSISTANT:`;
+#: set it as the processor's `chat_template` (and write the prompt with it) for the official prompts of every pass
+OFFICIAL_LLAVA_TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                           "{{ '<image>\\n' }}{% endif %}{% endfor %}USER: {% for c in m['content'] %}"
+                           "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
+                           "ASSISTANT:")
 
 
 @dataclass(frozen=True)
@@ -54,31 +64,20 @@ def image_block(processor: Any, images: list[Any], nested: bool) -> dict[str, An
     return dict(out)
 
 
-def template_suffix(processor: Any) -> tuple[int, ...]:
-    """Token ids the chat template puts after every user message (e.g. `<|im_end|>\\n<|im_start|>assistant\\n`);
-    empty when the processor has no chat template."""
-    if getattr(processor, "chat_template", None) is None:
-        return ()
-    tokenizer = processor.tokenizer
-    renders = []
-    for text in ("Question 0", "Question 1"):  # the renders differ in the last digit only
-        try:
-            rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                                     add_generation_prompt=True, tokenize=False)
-        except TypeError:  # a text-only template wants the content as a string
-            rendered = processor.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True, tokenize=False)
-        renders.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    a, b = renders
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return tuple(a[len(a) - n:])
+def template_parts(processor: Any, image_ids: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`(suffix, after image)`: the token ids the chat template puts after every user message (e.g.
+    `<|im_end|>\\n<|im_start|>assistant\\n`) and between the image and the user's text (LLaVA's `\\n`), learnt as
+    `Handle.set_template` learns them; both empty when the processor has no chat template."""
+    if not getattr(processor, "chat_template", None):
+        return (), ()
+    _, suffix, after = templates.learn(processor, processor.tokenizer, image_ids)
+    return suffix, after
 
 
 def split_prompt(ids: torch.Tensor, per_position: dict[str, torch.Tensor], block: dict[str, Any],
-                 image_id: int, special: set[int], suffix: tuple[int, ...]) -> Prompt:
-    """Locate the parts of one prompt, given the processor's `block` for one image of the same kind.
+                 image_id: int, special: set[int], suffix: tuple[int, ...], after: tuple[int, ...] = ()) -> Prompt:
+    """Locate the parts of one prompt, given the processor's `block` for one image of the same kind; the question
+    starts after the template's `after` ids (when they follow the image segment) and ends before its `suffix`.
 
     Raises:
         InputError: no image token, or the tokens around the image are not what the processor writes.
@@ -99,10 +98,12 @@ def split_prompt(ids: torch.Tensor, per_position: dict[str, torch.Tensor], block
         seg_start -= 1
     while seg_end < len(ids) and int(ids[seg_end]) in special:
         seg_end += 1
-    q_end = len(ids)
-    if suffix and len(ids) - seg_end >= len(suffix) and tuple(ids[-len(suffix):].tolist()) == suffix:
+    q_start, q_end = seg_end, len(ids)
+    if after and tuple(ids[seg_end:seg_end + len(after)].tolist()) == after:
+        q_start += len(after)
+    if suffix and len(ids) - q_start >= len(suffix) and tuple(ids[-len(suffix):].tolist()) == suffix:
         q_end -= len(suffix)
-    return Prompt(ids, per_position, (seg_start, seg_end), (start, end), (seg_end, q_end))
+    return Prompt(ids, per_position, (seg_start, seg_end), (start, end), (q_start, q_end))
 
 
 def general_inputs(prompt: Prompt, general_ids: torch.Tensor) -> dict[str, torch.Tensor]:

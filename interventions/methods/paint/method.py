@@ -172,17 +172,14 @@ class Paint(Method):
         local, summary = select_tokens(torch.cat(vision.local), torch.cat(vision.summary), self.config.local_ratio)
         device = roles.image.device
         source = torch.cat(self._tower.features(self._model, *local.shape, vision.image_sizes)).to(device)
-        image = roles.image[:, : roles.prompt_len]
+        image, repeats = _encoded_rows(roles, source.numel())
         where = image.nonzero(as_tuple=True)
-        if source.numel() != where[0].numel():
-            raise InputError(f"paint: the prompt has {where[0].numel()} image tokens, the vision tower produced "
-                             f"{source.numel()} image features")
         masks = []
         for flags in (local, summary):
             picked = flags.flatten().to(device)[source.clamp_min(0)] & (source >= 0)
             mask = torch.zeros_like(image)
             mask[where] = picked
-            masks.append(mask)
+            masks.append(mask.repeat_interleave(repeats, 0))
         return masks[0], masks[1]
 
     def _select_received(self, roles: TokenRoles, vision: _Pass) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,18 +188,32 @@ class Paint(Method):
         units = zip(tower.units(model, torch.cat(vision.local), vision.inputs),
                     tower.units(model, torch.cat(vision.summary), vision.inputs), strict=True)
         flags = [select_tokens(local[None], summary[None], self.config.local_ratio) for local, summary in units]
-        image = roles.image[:, : roles.prompt_len]
+        image, repeats = _encoded_rows(roles, sum(local.numel() for local, _ in flags))
         where = image.nonzero(as_tuple=True)
-        count = sum(local.numel() for local, _ in flags)
-        if count != where[0].numel():
-            raise InputError(f"paint: the prompt has {where[0].numel()} image tokens, the vision tower produced "
-                             f"{count} image features")
         masks = []
         for stream in range(2):
             mask = torch.zeros_like(image)
             mask[where] = torch.cat([pair[stream].flatten() for pair in flags]).to(image.device)
-            masks.append(mask)
+            masks.append(mask.repeat_interleave(repeats, 0))
         return masks[0], masks[1]
+
+
+def _encoded_rows(roles: TokenRoles, features: int) -> tuple[torch.Tensor, int]:
+    """The prompt image flags `(rows, prompt_len)` of the rows whose images the vision tower encoded, and how many
+    times `generate` repeated each of them (beams, `num_return_sequences`: it encodes the images once, then repeats
+    every prompt in a row); a count that matches neither raises."""
+    image = roles.image[:, : roles.prompt_len]
+    tokens = int(image.sum())
+    repeats = tokens // features if features and tokens % features == 0 else 0
+    if repeats > 1 and roles.batch_size % repeats == 0 and roles.ids is not None:
+        ids = roles.ids[:, : roles.prompt_len].reshape(roles.batch_size // repeats, repeats, -1)
+        valid = roles.valid[:, : roles.prompt_len].reshape(ids.shape)
+        if bool((ids == ids[:, :1]).all() and (valid == valid[:, :1]).all()):
+            return image[::repeats], repeats
+    if tokens != features:
+        raise InputError(f"paint: the prompt has {tokens} image tokens, the vision tower produced {features} image "
+                         "features")
+    return image, 1
 
 
 @dataclass

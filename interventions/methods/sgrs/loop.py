@@ -14,19 +14,21 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ...errors import InputError
-from .method import CandidateSaliency
+from .method import CandidateSaliency, history_keys
 from .select import History, Sampler, choose, sample_seeds
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
 
     from .method import Sgrs
 
 
 def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor: LogitsProcessorList,
              stopping_criteria: StoppingCriteriaList, generation_config: GenerationConfig,
-             **model_kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
+             streamer: BaseStreamer | None = None, **model_kwargs: Any) -> torch.Tensor | GenerateDecoderOnlyOutput:
     """Generate with SGRS; the signature of a transformers `custom_generate` callable (as `GenerationMixin._sample`).
+    A `streamer` gets each step's tokens (`put`, as `_sample` does; `generate` has put the prompt) and `end()`.
 
     Returns:
         The sequences `(batch, prompt + new)`, or a `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`
@@ -72,7 +74,7 @@ def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor
             if logits_out is not None:
                 logits_out += (logits,)
             active = unfinished.clone()
-            step_saliency = CandidateSaliency(probes, graph.logits[:, -1]) if probe else None
+            step_saliency = CandidateSaliency(probes, graph.logits[:, -1], _keys(method, probes)) if probe else None
             choice = choose(scores, cfg.top_k, cfg.retries, draw, active, history.thresholds(), step_saliency)
         outputs = graph = step_saliency = None  # free the step's graph
         if probe:
@@ -83,10 +85,14 @@ def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor
         method.stats["fallbacks"] += int((active & ~choice.accepted).sum())
         tokens = torch.where(unfinished, choice.tokens, pad) if has_eos else choice.tokens
         input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
         unfinished &= ~stopping_criteria(input_ids, scores_out)
         first = False
         if not unfinished.any():
             break
+    if streamer is not None:
+        streamer.end()
 
     if not keep:
         return input_ids
@@ -103,6 +109,11 @@ def _check(generation_config: GenerationConfig, input_ids: torch.Tensor) -> None
     if input_ids.shape[1] == 0:
         raise InputError("sgrs needs input_ids (the token roles and the saliency's keys come from them), "
                          "not inputs_embeds alone")
+
+
+def _keys(method: Sgrs, probes: dict) -> torch.Tensor:
+    """J of this step, from the first target layer's call (the same roles and query in every layer)."""
+    return history_keys(probes[min(probes)][1], method.config.keys, method.boundary_ids)
 
 
 def _refeed_last_token(model: Any, input_ids: torch.Tensor, model_kwargs: dict, use_cache: bool) -> Any:

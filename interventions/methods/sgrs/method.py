@@ -5,8 +5,11 @@ At each step, candidates come from the top-K of the next-token scores; a drawn c
 saliency 𝒮(c) ≥ α · mean 𝒮 of the sample's last W accepted tokens, else it is removed and another is drawn, R draws
 at most; then the top-K candidate of highest saliency is taken. 𝒮(c): on each target layer, the attention row A of
 the query that predicts c (the newest position), S = |A ⊙ ∂L/∂A| with L = −log p(c), mean over heads, divided by its
-L2 norm over keys, averaged over the keys J after the sample's last image token (template and image-boundary tokens
-excluded, generated tokens included, up to the row itself; 1 when J is empty), then averaged over the layers.
+L2 norm over keys, averaged over the keys J after the sample's last image token (generated tokens included, up to the
+row itself; 1 when J is empty), then averaged over the layers. J is the paper's `{Sys_L + Img_L ≤ j < P}`, every
+position after the image, as the official code (`keys="after_image"`, default; the image's own end marker, e.g.
+Qwen2-VL's `<|vision_end|>`, is not after the image); `keys="question"` also drops chat-template tokens (LLaVA's
+`\n` after `<image>`, the assistant tail; known after `Handle.set_template`).
 
 Computed exactly and cheaply: A is the same for every candidate of a step, so each step runs one forward with
 gradients enabled, in which the target layers hand over their last row's final probabilities as an autograd leaf
@@ -46,7 +49,8 @@ from typing import Any
 import torch
 
 from ...core.branch import MAIN
-from ...core.params import MethodConfig, boolean, int_list, number, optional, param
+from ...core.templates import boundary_ids, config_boundary
+from ...core.params import MethodConfig, boolean, choice, int_list, number, optional, param
 from ..base import (
     AttentionCall,
     Method,
@@ -83,6 +87,10 @@ class SgrsConfig(MethodConfig):
     seed: int | None = param(0, "per-sample generators derived from this seed and each prompt (a prompt draws the "
                              "same tokens alone or in a batch); None = torch's global generator, as transformers",
                              "[derived] reproducibility", optional(number(0, integer=True)))
+    keys: str = param("after_image", "J, the keys the saliency is averaged over: 'after_image' (every position after "
+                      "the image: prompt text, template tokens, generated tokens) or 'question' (without chat-template "
+                      "tokens)", "[paper] §3.1 J = {Sys_L + Img_L <= j < P}; [code] --sys_token_len 35 "
+                      "--img_token_len 576; [derived] 'question' from token roles", choice("after_image", "question"))
     history_includes_fallback: bool = param(False, "also add a fallback token's saliency to the history",
                                             "[spec] §3 project choice: no; [code] yes", boolean)
 
@@ -99,10 +107,15 @@ class Sgrs(Method):
     def bind(self, model: ModelInfo) -> None:
         cfg: SgrsConfig = self.config
         self.layers = layer_range(model, "sgrs", cfg.layers, preset_layers(model.family, model.num_layers))
+        self._adapter = model.layout
+        self.boundary_ids = config_boundary(model.layout, model.config)
         self.touched_layers = self.layers
         self._probes: dict[int, tuple[torch.Tensor, AttentionCall]] | None = None
         #: counts of the last `generate`, summed over the batch: steps, rejected candidates, fallbacks
         self.stats: dict[str, int] = {}
+
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        self.boundary_ids = tuple(dict.fromkeys(self.boundary_ids + boundary_ids(self._adapter, tokenizer)))
 
     @contextlib.contextmanager
     def probing(self) -> Iterator[dict[int, tuple[torch.Tensor, AttentionCall]]]:
@@ -138,13 +151,15 @@ class CandidateSaliency:
         probes: per target layer, the newest row's probabilities `(batch, heads, 1, kv_len)` (autograd leaves) and
             the attention call they come from.
         logits (`torch.Tensor` of shape `(batch, vocab)`): the same forward's next-token logits (with their graph).
+        keys (`torch.BoolTensor` of shape `(batch, kv_len)`): J (`history_keys`).
     """
 
-    def __init__(self, probes: dict[int, tuple[torch.Tensor, AttentionCall]], logits: torch.Tensor) -> None:
+    def __init__(self, probes: dict[int, tuple[torch.Tensor, AttentionCall]], logits: torch.Tensor,
+                 keys: torch.Tensor) -> None:
         layers = sorted(probes)
         self.leaves = [probes[layer][0] for layer in layers]
         self.log_p = torch.log_softmax(logits.float(), dim=-1)
-        self.keys = history_keys(probes[layers[0]][1])  # J: the same roles and query in every layer
+        self.keys = keys  # J: the same roles and query in every layer
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """𝒮 of `tokens` `(batch,)`, one candidate per sample, as `(batch,)` float32."""
@@ -161,13 +176,19 @@ class CandidateSaliency:
         return torch.stack(per_layer).mean(0)
 
 
-def history_keys(call: AttentionCall) -> torch.Tensor:
-    """J per sample, `(batch, kv_len)` bool: valid keys after the sample's last image token up to the newest query,
-    without template and image-boundary tokens (the paper's Sys_L + Img_L ≤ j ≤ P, from token roles)."""
+def history_keys(call: AttentionCall, rule: str = "after_image", boundary: tuple[int, ...] = ()) -> torch.Tensor:
+    """J per sample, `(batch, kv_len)` bool: valid keys after the sample's last image token up to the newest query
+    (the paper's Sys_L + Img_L ≤ j ≤ P, from token roles), without the image-boundary tokens `boundary`;
+    `rule="question"` also drops chat-template tokens."""
     roles = call.roles
     keys = torch.arange(roles.length, device=roles.valid.device)
     newest = call.query_positions[-1].to(keys.device)
-    return roles.valid & ~roles.template & roles.after_last_image() & (keys <= newest)
+    j = roles.valid & roles.after_last_image() & (keys <= newest)
+    if rule == "question":
+        return j & ~roles.template
+    if boundary and roles.ids is not None:
+        j &= ~torch.isin(roles.ids.to(keys.device), torch.tensor(boundary, device=keys.device))
+    return j
 
 
 def preset_layers(family: str, num_layers: int) -> range | list[int]:
