@@ -139,17 +139,18 @@ class CandidateSaliency:
         layers = sorted(probes)
         self.leaves = [probes[layer][0] for layer in layers]
         self.log_p = torch.log_softmax(logits.float(), dim=-1)
-        self.keys = history_keys(probes[layers[0]][1])  # J: the same roles and query in every layer
+        # J per layer: the same roles and query everywhere, but a sliding-window layer's keys are the newest only
+        self.keys = [history_keys(probes[layer][1]) for layer in layers]
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """𝒮 of `tokens` `(batch,)`, one candidate per sample, as `(batch,)` float32."""
         loss = -self.log_p.gather(1, tokens[:, None].to(self.log_p.device)).sum()  # samples are independent
         grads = torch.autograd.grad(loss, self.leaves, retain_graph=True)
         per_layer = []
-        for probs, grad in zip(self.leaves, grads):
+        for probs, grad, keys in zip(self.leaves, grads, self.keys):
             s = (probs * grad).abs()[:, :, -1].float().mean(1)  # (batch, kv_len)
             s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-            keys = self.keys.to(s.device)
+            keys = keys.to(s.device)
             count = keys.sum(-1)
             mean = (s * keys).sum(-1) / count.clamp_min(1)
             per_layer.append(torch.where(count > 0, mean, torch.ones_like(mean)).to(tokens.device))  # empty J: 1
@@ -160,7 +161,7 @@ def history_keys(call: AttentionCall) -> torch.Tensor:
     """J per sample, `(batch, kv_len)` bool: valid keys after the sample's last image token up to the newest query,
     without template and image-boundary tokens (the paper's Sys_L + Img_L ≤ j ≤ P, from token roles)."""
     roles = call.roles
-    keys = torch.arange(roles.length, device=roles.valid.device)
+    keys = roles.positions
     newest = call.query_positions[-1].to(keys.device)
     return roles.valid & ~roles.template & roles.after_last_image() & (keys <= newest)
 
