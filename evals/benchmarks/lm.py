@@ -7,7 +7,10 @@ working directory, so the YAMLs are rendered with absolute paths into the run's 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +57,35 @@ def evaluate_lm(model: Any, tokenizer: Any, tasks: list[str], work_dir: Path, li
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; shipped offline tasks: {', '.join(LOCAL_TASKS)}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=False)
+    with _quiet_git():
+        out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed, log_samples=False)
     metrics = {task: {k.split(",")[0]: v for k, v in res.items()
                       if isinstance(v, float) and "stderr" not in k}
                for task, res in out["results"].items()}
     return {"metrics": metrics, "versions": out.get("versions", {}), "n-samples": out.get("n-samples", {})}
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """For one lm-eval run, its `git describe` of the working directory runs with git's stderr discarded: outside a
+    checkout, git would print "fatal: not a git repository" to the user's terminal (the hash is still recorded
+    where there is one)."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+def _git_hash() -> str | None:
+    """`git describe --always` of the working directory, or None outside a checkout (or without git)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
