@@ -202,7 +202,11 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
     `observe` requests get the attention each key receives from a second, transposed fused call; `edit` sees only
     the columns the methods name, and a bias `b` there gives exactly, with `P` the columns' probabilities before it
     and `δ = P·(e^b − 1)`, `O' = (O + δ·V_cols) / (1 + Σ δ)`."""
-    out, lse = fused.attention_with_lse(query, key, value, attention_mask, scaling)
+    # in float32 for half-precision inputs: the correction below divides by the mass left outside the columns, which
+    # would magnify a bfloat16 output's rounding (the rest of the layer stays in the model's dtype)
+    wide = torch.promote_types(query.dtype, torch.float32)
+    mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.to(wide)
+    out, lse = fused.attention_with_lse(query.to(wide), key.to(wide), value.to(wide), mask, scaling)
     batch, num_heads, q_len, kv_len = *query.shape[:3], key.shape[2]
     groups = num_heads // key.shape[1]
     # a plain causal call never builds its (q_len, kv_len) mask: only the named columns' part of it is needed
@@ -244,7 +248,7 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
         rows[rows_local[unstable]] = True
         redo = [(m, dataclasses.replace(r, rows=r.rows & rows, observe=False)) for m, r in requests]
         out, _ = _edit_rows(call, redo, query, key, value, attention_mask, scaling, out, None, False, None)
-    return out
+    return out.to(query.dtype)
 
 
 def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,
