@@ -143,7 +143,7 @@ def _benchmark(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from interventions.loading import load_model
+    from evals.loading import load_model
 
     device_map = args.device_map
     if device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: own device

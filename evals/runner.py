@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import interventions as iv
-from interventions.methods import METHODS
 
 from .benchmarks.base import GenerationBenchmark, Sample
-from interventions.loading import LoadedModel
+from .loading import LoadedModel
 from .predictions import append_predictions, load_predictions
 from .report import write_reports
 
@@ -58,8 +57,7 @@ def parse_methods(methods: str, params_json: str | None = None) -> list[MethodRu
             continue
         stack = []
         for name in label.split("+"):
-            config_class = METHODS.get(name).config_class
-            config_class.from_params(params.get(name, {}))  # validate now, before any model work
+            iv.method_params(name, params.get(name, {}))  # validate now, before any model work
             stack.append((name, dict(params.get(name, {}))))
             used.add(name)
         runs.append(MethodRun(label, stack))
@@ -206,7 +204,7 @@ def build_inputs(loaded: LoadedModel, batch: list[Sample]) -> dict[str, Any]:
                                                           add_generation_prompt=True, tokenize=False))
         with Image.open(s.image) as img:
             images.append(img.convert("RGB"))
-    if loaded.family in ("idefics3", "gemma3"):  # these processors take one list of images per prompt
+    if iv.family(loaded.model).nests_images:  # these processors take one list of images per prompt
         images = [[img] for img in images]
     inputs = loaded.processor(text=texts, images=images, return_tensors="pt", padding=True)
     return {k: v.to(loaded.model.device) for k, v in inputs.items()}

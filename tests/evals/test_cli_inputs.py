@@ -11,8 +11,8 @@ from PIL import Image
 
 from evals.benchmarks.lm import _quiet_git
 from evals.benchmarks.pope import check_template
-from interventions.cli import main
-from interventions.loading import load_model
+from evals.loading import load_model
+from evals.main import main
 
 
 @pytest.mark.parametrize("template, message", [

