@@ -72,7 +72,7 @@ def _quiet_git() -> Iterator[None]:
     """For one lm-eval run, its `git describe` of the working directory runs with git's stderr discarded: outside a
     checkout, git would print "fatal: not a git repository" to the user's terminal (the hash is still recorded
     where there is one)."""
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     original = evaluator.get_git_commit_hash
     evaluator.get_git_commit_hash = _git_hash
@@ -85,7 +85,8 @@ def _quiet_git() -> Iterator[None]:
 def _git_hash() -> str | None:
     """`git describe --always` of the working directory, or None outside a checkout (or without git)."""
     try:
-        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10,
+                              check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip() if done.returncode == 0 else None

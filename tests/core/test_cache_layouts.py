@@ -17,11 +17,12 @@ from interventions.errors import InputError
 
 #: windows shorter than the tiny prompts (8 text tokens; 27 with Gemma3's image block) plus 3 generated tokens
 WINDOWED = {
-    "mistral": dict(sliding_window=6),
+    "mistral": {"sliding_window": 6},
     # the real Gemma3 layout: five sliding-window layers, then one global layer
-    "gemma3": dict(sliding_window=8, num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+    "gemma3": {"sliding_window": 8, "num_hidden_layers": 6,
+               "layer_types": ["sliding_attention"] * 5 + ["full_attention"]},
 }
-GREEDY = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+GREEDY = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 
 
 @functools.cache

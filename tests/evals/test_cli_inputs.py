@@ -47,7 +47,7 @@ def test_dtype_auto_loads_in_the_checkpoint_dtype_and_a_bad_dtype_fails_first():
 
 
 def test_lm_eval_git_lookup_is_quiet_outside_a_checkout(tmp_path, monkeypatch, capfd):
-    import lm_eval.evaluator as evaluator
+    from lm_eval import evaluator
 
     monkeypatch.chdir(tmp_path)  # tmp_path is not inside a git checkout
     original = evaluator.get_git_commit_hash
