@@ -37,6 +37,8 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     import torch
     import transformers
 
+    if dtype not in ("float32", "float16", "bfloat16", "auto"):
+        raise ValueError(f"--dtype {dtype!r} invalid; expected float32, float16, bfloat16 or auto")
     if model_id in BUILTIN_FOLDERS:
         loaded = load_model(str(BUILTIN_FOLDERS[model_id]), dtype, device_map, load_in_4bit, load_in_8bit)
         loaded.model_id = model_id
@@ -47,11 +49,9 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
         from .smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)
-        return LoadedModel(model, tokenizer, "causal_lm", False, model_id, dtype)
+        return LoadedModel(model, tokenizer, "causal_lm", False, model_id, _ran_in(model))
     if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().exists():
         raise ValueError(f"model path {model_id!r} does not exist")
-    if dtype not in ("float32", "float16", "bfloat16", "auto"):
-        raise ValueError(f"--dtype {dtype!r} invalid; expected float32, float16, bfloat16 or auto")
     try:
         config = transformers.AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as e:
@@ -76,5 +76,10 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         processor = transformers.AutoTokenizer.from_pretrained(model_id)
-    return LoadedModel(model.eval(), processor, adapter.name, adapter.has_images, model_id, dtype)
+    return LoadedModel(model.eval(), processor, adapter.name, adapter.has_images, model_id, _ran_in(model))
+
+
+def _ran_in(model: Any) -> str:
+    """The dtype the weights were loaded in, e.g. `float32` (what `--dtype auto` resolved to)."""
+    return str(model.dtype).removeprefix("torch.")
 

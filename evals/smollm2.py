@@ -20,12 +20,16 @@ def gguf_dir() -> Path:
 
 
 def load_smollm2(dtype: str = "float32"):
-    """Return `(model, tokenizer)` of SmolLM2-135M-Instruct in eval mode with SDPA attention."""
+    """Return `(model, tokenizer)` of SmolLM2-135M-Instruct in eval mode with SDPA attention.
+
+    `dtype` is `float32`, `float16`, `bfloat16` or `auto` (the de-quantised weights' own dtype, float32).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=getattr(torch, dtype),
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE,
+                                                 dtype=dtype if dtype == "auto" else getattr(torch, dtype),
                                                  attn_implementation="sdpa")
     return model.eval(), tokenizer

@@ -334,14 +334,21 @@ _FAMILY_SPECS: dict[str, _Family] = {
 }
 
 
-def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+def build_model(
+    family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **text_config: Any
+) -> transformers.PreTrainedModel:
     """Build the tiny random-initialised model of ``family`` on CPU, in eval mode, with SDPA attention.
 
-    The weights depend only on ``seed``.
+    The weights depend only on ``seed`` (and on the shape ``text_config`` gives). ``text_config`` overrides
+    attributes of the text decoder's config, e.g. ``sliding_window=6`` or ``num_hidden_layers`` with its
+    ``layer_types``.
     """
     spec = _FAMILY_SPECS[family]
     torch.manual_seed(seed)
-    model = spec.model_class._from_config(spec.config(), attn_implementation="sdpa", dtype=dtype)
+    config = spec.config()
+    for name, value in text_config.items():
+        setattr(config.get_text_config(), name, value)
+    model = spec.model_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     if family == "gemma3":
         # Gemma3 zero-initialises its vision-to-text projection, which would embed every image as zeros.
         torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=INITIALIZER_RANGE)

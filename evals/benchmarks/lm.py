@@ -7,6 +7,9 @@ working directory, so the YAMLs are rendered with absolute paths into the run's 
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +75,11 @@ def evaluate_lm(lm: Any, tasks: list[str], manager: Any, options: Any) -> dict[s
     seed = options.seed
     if options.docs is not None and options.limit is not None:
         raise ValueError("give either a limit or document indices, not both")
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=options.limit, samples=options.docs,
-                          num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          log_samples=True)
+    with _quiet_git():
+        out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=options.limit, samples=options.docs,
+                              num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters,
+                              random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                              fewshot_random_seed=seed, log_samples=True)
     metrics, stderr = {}, {}
     for task, res in out["results"].items():
         numbers = {k: v for k, v in res.items() if isinstance(v, float) and "," in k}
@@ -108,3 +112,28 @@ def per_sample_values(samples: dict[str, list[dict[str, Any]]],
         names = [m for m in metrics.get(task, {}) if all(isinstance(s.get(m), (int, float, bool)) for s in rows)]
         out[task] = {m: {str(s["doc_id"]): float(s[m]) for s in rows} for m in names}
     return out
+
+
+@contextlib.contextmanager
+def _quiet_git() -> Iterator[None]:
+    """For one lm-eval run, its `git describe` of the working directory runs with git's stderr discarded: outside a
+    checkout, git would print "fatal: not a git repository" to the user's terminal (the hash is still recorded
+    where there is one)."""
+    from lm_eval import evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+def _git_hash() -> str | None:
+    """`git describe --always` of the working directory, or None outside a checkout (or without git)."""
+    try:
+        done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None

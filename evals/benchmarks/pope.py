@@ -5,6 +5,7 @@ Spec: specs/evals.md §1. Questions are matched to answers by id, never by posit
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -182,8 +183,7 @@ class PopeBenchmark:
         PARSERS.get(self.parser)
         if not self.files:
             raise ValueError("pope: no question files given")
-        if "{question}" not in self.prompt_template:
-            raise ValueError(f"pope: prompt_template {self.prompt_template!r} has no '{{question}}' placeholder")
+        check_template(self.prompt_template)
 
     @classmethod
     def from_dir(cls, directory: str | Path, dataset: str = "coco", **kwargs: Any) -> PopeBenchmark:
@@ -268,3 +268,23 @@ class PopeBenchmark:
         if "average" in per_split:
             raise ValueError("pope: a split may not be called 'average'")
         return {**per_split, "average": mean_metrics(per_split)}
+
+
+def check_template(template: str) -> None:
+    """A POPE prompt template holds `{question}` and no other placeholder; else a `ValueError` naming the problem.
+
+    Raises:
+        ValueError: no `{question}`, an unknown placeholder such as `{foo}`, or a stray brace.
+    """
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as e:
+        raise ValueError(f"pope: prompt_template {template!r} is not a valid template ({e}); write a literal brace "
+                         "as '{{' or '}}'") from None
+    unknown = sorted(fields - {"question"})
+    if unknown:
+        raise ValueError(f"pope: prompt_template {template!r} has unknown placeholder(s) "
+                         f"{', '.join('{' + f + '}' for f in unknown)}; the only placeholder is {{question}} (write a "
+                         "literal brace as '{{' or '}}')")
+    if "question" not in fields:
+        raise ValueError(f"pope: prompt_template {template!r} has no '{{question}}' placeholder")

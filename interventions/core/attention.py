@@ -58,6 +58,10 @@ DISPATCH_COUNTS: dict[str, int] = {"base": 0, "edited": 0}
 #: 613 tokens: 0.98× vs 1.08×; benchmarks/overhead.py)
 RANKED_MIN_LENGTH = 256
 
+#: a fused `columns` row whose key columns held more than `1 −` this of its mass is recomputed explicitly: the closed
+#: form divides by the mass outside them, whose float32 rounding (~1e-7) would then weigh more than 1e-5 of it
+COLUMNS_MIN_REST = 1e-2
+
 #: use the fused paths where they apply (`columns` requests, ranked masks); off: explicit rows and dense masks, as
 #: on every other backend (tests compare the two)
 FUSED = True
@@ -199,13 +203,17 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
     `observe` requests get the attention each key receives from a second, transposed fused call; `edit` sees only
     the columns the methods name, and a bias `b` there gives exactly, with `P` the columns' probabilities before it
     and `δ = P·(e^b − 1)`, `O' = (O + δ·V_cols) / (1 + Σ δ)`."""
-    out, lse = fused.attention_with_lse(query, key, value, attention_mask, scaling)
+    # in float32 for half-precision inputs: the correction below divides by the mass left outside the columns, which
+    # would magnify a bfloat16 output's rounding (the rest of the layer stays in the model's dtype)
+    wide = torch.promote_types(query.dtype, torch.float32)
+    mask = attention_mask if attention_mask is None or attention_mask.dtype == torch.bool else attention_mask.to(wide)
+    out, lse = fused.attention_with_lse(query.to(wide), key.to(wide), value.to(wide), mask, scaling)
     batch, num_heads, q_len, kv_len = *query.shape[:3], key.shape[2]
     groups = num_heads // key.shape[1]
     # a plain causal call never builds its (q_len, kv_len) mask: only the named columns' part of it is needed
     allowed, additive = (None, None) if attention_mask is None else \
         allowed_keys(attention_mask, batch, q_len, kv_len, query.device)
-    valid_rows = call.roles.valid[:, call.query_positions]
+    valid_rows = call.roles.valid[:, call.roles.index(call.query_positions)]
     for method, request in requests:
         if request.observe:
             heads = _arange(num_heads, query.device) if request.heads is None else request.heads.sort().values
@@ -233,7 +241,15 @@ def _edit_columns(call: AttentionCall, requests: list[tuple[Method, RowRequest]]
     base = out[where].transpose(1, 2).to(delta.dtype)  # (batch, heads, rows, head_dim)
     edited = (base + row_output(delta, value[:, :, columns], heads, groups)) / (1 + delta.sum(-1, keepdim=True))
     out[where] = edited.transpose(1, 2).to(out.dtype)
-    return out
+    # `1 + Σδ` is the mass left outside the columns plus theirs after the edit: where the columns held nearly all of
+    # a row's mass (a sliding window full of sinks), it cancels down to rounding noise; such rows are recomputed
+    unstable = (1 - before.sum(-1) < COLUMNS_MIN_REST).any(1).any(0)  # (rows,)
+    if bool(unstable.any()):
+        rows = torch.zeros(q_len, dtype=torch.bool, device=query.device)
+        rows[rows_local[unstable]] = True
+        redo = [(m, dataclasses.replace(r, rows=r.rows & rows, observe=False)) for m, r in requests]
+        out, _ = _edit_rows(call, redo, query, key, value, attention_mask, scaling, out, None, False, None)
+    return out.to(query.dtype)
 
 
 def _edit_rows(call: AttentionCall, requests: list[tuple[Method, RowRequest]], query: torch.Tensor,

@@ -165,6 +165,10 @@ class BranchRunner:
                     "outside this wrapper cannot be followed; decode greedily or by sampling with the wrapped model"
                 )
             inputs = self._decode_inputs(branch, state, ids, kwargs, main_roles)
+        if branch.inputs == "same" and not _is_padding_mask(kwargs.get("attention_mask")):
+            # a static cache's 4-D mask (or a dict of them) is shaped for the main cache; the branch's own cache is
+            # dynamic, so it gets the padding mask of the same positions
+            inputs["attention_mask"] = main_roles.valid.long()
         inputs.update({k: v for k, v in kwargs.items() if k not in inputs and k not in _NOT_FORWARDED
                        and not (branch.inputs == "no_image" and self.session.adapter.is_vision_input(k))})
         if branch.schedule == "prefill":
@@ -217,7 +221,7 @@ class BranchRunner:
             state.roles = roles
             return {}
         mask = kwargs.get("attention_mask")
-        new_mask = (mask[:, -new_len:] if mask is not None and mask.dim() == 2
+        new_mask = (mask[:, -new_len:] if _is_padding_mask(mask) and mask is not None
                     else torch.ones(roles.batch_size, new_len, dtype=torch.long, device=roles.valid.device))
         past = state.mask.shape[1]
         state.mask = torch.cat([state.mask, new_mask.to(state.mask)], 1)
@@ -234,6 +238,11 @@ class BranchRunner:
             yield
         finally:
             session.stream, session.roles = saved
+
+
+def _is_padding_mask(mask: Any) -> bool:
+    """None or a 2-D padding mask (not a 4-D mask, a dict of them per layer type, or a flex `BlockMask`)."""
+    return mask is None or isinstance(mask, torch.Tensor) and mask.dim() == 2
 
 
 def _left_pack(values: torch.Tensor, keep: torch.Tensor, width: int, fill: int) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Per-sample token roles, computed from `input_ids` at prefill and extended at every decode step.
 
-Positions are absolute indices into the key/value sequence (left padding included), so the same tensors index the
-keys of every attention call of the sequence, with or without a KV cache.
+Positions are absolute indices into the sequence (padding included). The keys of one attention call are not always
+every position: a sliding-window layer's cache holds only the newest ones, a static cache pads its unused tail.
+`TokenRoles.keys` gives the roles of exactly the keys a call gets (`offset` is the absolute position of the first),
+`index` turns absolute positions into indices of those keys and `align` moves a per-position statistic onto them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,6 +27,9 @@ class TokenRoles:
             prompt (the template part is known only after `Handle.set_template`).
         prompt_len (`int`): padded prompt length; positions `>= prompt_len` are generated tokens.
         ids (`torch.LongTensor` of shape `(batch, length)`, *optional*): the token ids (None with embeddings only).
+        offset (`int`, *optional*, defaults to 0): absolute position of index 0. Nonzero only for the roles of the
+            keys of a sliding-window layer whose cache dropped its oldest positions (`keys`); `prompt_len` and
+            every position a method reads (`AttentionCall.query_positions`, `RowLogits.rows`) stay absolute.
     """
 
     valid: torch.Tensor
@@ -31,6 +37,7 @@ class TokenRoles:
     template: torch.Tensor
     prompt_len: int
     ids: torch.Tensor | None = None
+    offset: int = 0
 
     @property
     def length(self) -> int:
@@ -41,10 +48,40 @@ class TokenRoles:
         return self.valid.shape[0]
 
     @property
+    def positions(self) -> torch.Tensor:
+        """`(length,)` long: the absolute position of each index."""
+        return torch.arange(self.offset, self.offset + self.length, device=self.valid.device)
+
+    def index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Indices of these roles at absolute `positions` (which must be among `self.positions`)."""
+        return positions - self.offset if self.offset else positions
+
+    def align(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` over absolute positions `0, 1, ...` (last dimension, e.g. a per-prompt-key statistic) on the
+        indices of these roles: `(..., length)`, zero (False) at positions `values` does not reach."""
+        part = values[..., self.offset: self.offset + self.length]
+        if part.shape[-1] == self.length:
+            return part
+        pad = torch.zeros(*part.shape[:-1], self.length - part.shape[-1], dtype=part.dtype, device=part.device)
+        return torch.cat([part, pad], -1)
+
+    @property
+    def last_prompt(self) -> torch.Tensor:
+        """`(batch,)` long: each sample's last valid prompt position, absolute (`prompt_len - 1` with left
+        padding; earlier for a right-padded short sample). -1 when it lies before these roles' keys: every one of
+        them comes after it then."""
+        pos = self.positions
+        return torch.where(self.valid & (pos < self.prompt_len), pos, -1).amax(1)
+
+    def from_last_prompt(self, positions: torch.Tensor, skip: int = 0) -> torch.Tensor:
+        """`(batch, len(positions))` bool: absolute `positions` at or after each sample's last valid prompt
+        position, plus `skip` (1: the generated rows only). "The last row" of a left- or right-padded batch."""
+        return positions[None, :] >= (self.last_prompt + skip)[:, None]
+
+    @property
     def generated(self) -> torch.Tensor:
         """`(batch, length)` bool: valid positions produced by decoding."""
-        pos = torch.arange(self.length, device=self.valid.device)
-        return self.valid & (pos >= self.prompt_len)
+        return self.valid & (self.positions >= self.prompt_len)
 
     @property
     def text(self) -> torch.Tensor:
@@ -54,11 +91,11 @@ class TokenRoles:
     @property
     def prompt_image(self) -> torch.Tensor:
         """`(batch, length)` bool: image positions of the prompt (a generated image-token id is not an image)."""
-        return self.image & (torch.arange(self.length, device=self.valid.device) < self.prompt_len)
+        return self.image & (self.positions < self.prompt_len)
 
     def after_last_image(self) -> torch.Tensor:
         """`(batch, length)` bool: positions after the sample's last prompt image token (all of them without one)."""
-        pos = torch.arange(self.length, device=self.valid.device)
+        pos = self.positions
         return pos > torch.where(self.prompt_image, pos, -1).amax(1, keepdim=True)
 
     @property
@@ -68,7 +105,7 @@ class TokenRoles:
         return self.text & ~self.template & self.after_last_image()
 
     def image_spans(self, sample: int) -> list[tuple[int, int]]:
-        """Contiguous runs `[start, end)` of image positions of one sample."""
+        """Contiguous runs `[start, end)` of image indices of one sample."""
         flags = self.image[sample].tolist()
         spans, start = [], None
         for i, flag in enumerate(flags + [False]):
@@ -80,15 +117,21 @@ class TokenRoles:
         return spans
 
     def keys(self, key_len: int) -> TokenRoles:
-        """Roles padded (with invalid positions) or cut to `key_len` keys, e.g. for a static cache."""
+        """Roles of the `key_len` keys an attention call gets, as transformers' caches hand them over: every position
+        (`key_len == length`); the newest `key_len` (a sliding-window layer once its cache dropped the oldest:
+        `offset` becomes the first one's position); or every position, then invalid padding (a static cache's
+        preallocated tail, its keys at their absolute positions)."""
         if key_len == self.length:
             return self
         if key_len < self.length:
-            return self._cut(key_len)
+            start = self.length - key_len
+            ids = None if self.ids is None else self.ids[:, start:]
+            return TokenRoles(self.valid[:, start:], self.image[:, start:], self.template[:, start:], self.prompt_len,
+                              ids, self.offset + start)
         pad = torch.zeros(self.batch_size, key_len - self.length, dtype=torch.bool, device=self.valid.device)
         ids = None if self.ids is None else torch.cat([self.ids, pad.long()], 1)
         return TokenRoles(torch.cat([self.valid, pad], 1), torch.cat([self.image, pad], 1),
-                          torch.cat([self.template, pad], 1), self.prompt_len, ids)
+                          torch.cat([self.template, pad], 1), self.prompt_len, ids, self.offset)
 
     def select_rows(self, index: torch.Tensor) -> TokenRoles:
         """The roles of rows `index` (a beam search's reordering of the batch)."""
@@ -119,7 +162,7 @@ class TokenRoles:
         start of each sample's tokens, at the end of its prompt and right after its last prompt image token.
         `boundary_ids` (image start/end markers) count as template too.
         """
-        valid = _valid(attention_mask, batch_size, length, device)
+        valid = _valid(attention_mask, 0, length, batch_size, device)
         image = _image(input_ids, image_token_ids, batch_size, length, device) & valid
         marks = _image(input_ids, boundary_ids, batch_size, length, device) & valid
         if template is not None and input_ids is not None:
@@ -145,10 +188,10 @@ class TokenRoles:
                                                                 image_token_ids)
         kept = self._cut(past_len)
         total = past_len + new_len
-        if attention_mask is not None and attention_mask.shape[-1] >= total:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.shape[-1] >= total:
             valid = attention_mask[:, -total:].to(device=device, dtype=torch.bool)
         else:
-            valid = torch.cat([kept.valid, torch.ones(b, new_len, dtype=torch.bool, device=device)], 1)
+            valid = torch.cat([kept.valid, _valid(attention_mask, past_len, new_len, b, device)], 1)
         image = torch.cat([kept.image, _image(input_ids, image_token_ids, b, new_len, device)], 1) & valid
         # prompt positions fed again after a cache rollback (`Cache.crop`) stay prompt, with their template marks
         prompt_len = min(self.prompt_len, total)
@@ -159,10 +202,31 @@ class TokenRoles:
         return TokenRoles(valid, image, template, prompt_len, ids)
 
 
-def _valid(attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device) -> torch.Tensor:
-    if attention_mask is None or attention_mask.dim() != 2:
-        return torch.ones(batch_size, length, dtype=torch.bool, device=device)
-    return attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+def _valid(attention_mask: Any, past_len: int, new_len: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`(batch, new_len)` bool: which of the positions `past_len .. past_len + new_len - 1` are not padding, from the
+    mask the model was given: a 2-D padding mask; a 4-D one `(batch, 1, q_len, kv_len)` (bool or additive, e.g. the
+    one `generate` builds for a static cache), or a dict of them per layer type, read on its diagonal (a padding
+    key is masked for every row, a real one is seen by its own row); none: all valid."""
+    if isinstance(attention_mask, dict):
+        masks = [m for m in attention_mask.values() if isinstance(m, torch.Tensor)]
+        attention_mask = masks[0] if masks else None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        return torch.ones(batch_size, new_len, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[-1] < new_len:
+            raise InputError(f"the attention mask has {attention_mask.shape[-1]} columns for {new_len} new tokens")
+        return attention_mask[:, -new_len:].to(device=device, dtype=torch.bool)
+    q_len, width, total = attention_mask.shape[-2], attention_mask.shape[-1], past_len + new_len
+    if q_len < new_len:
+        raise InputError(f"the 4-D attention mask has {q_len} query rows for {new_len} new tokens")
+    columns = torch.arange(past_len, total, device=attention_mask.device)
+    if width < total:  # a window of the newest keys
+        columns = columns - (total - width)
+    rows = torch.arange(q_len - new_len, q_len, device=attention_mask.device)
+    diagonal = attention_mask[:, 0, rows, columns]
+    if diagonal.dtype != torch.bool:
+        diagonal = diagonal > torch.finfo(diagonal.dtype).min / 2
+    return diagonal.expand(batch_size, -1).to(device)
 
 
 def _image(input_ids: torch.Tensor | None, image_token_ids: tuple[int, ...], batch_size: int, length: int,

@@ -106,7 +106,7 @@ class Act(Method):
         """Add this block's attention received by each prompt key, and the valid prompt rows that see it."""
         prompt_len = call.roles.prompt_len
         prompt_rows = view.rows < prompt_len
-        rows_valid = call.roles.valid[:, view.rows[prompt_rows]][:, None, :, None]  # (batch, 1, rows, 1)
+        rows_valid = call.roles.valid[:, call.roles.index(view.rows[prompt_rows])][:, None, :, None]  # (b, 1, rows, 1)
         probs = view.probs()[:, :, prompt_rows, :prompt_len]
         # the column sum over valid rows as one product (no (heads, rows, keys) temporary)
         received = torch.matmul(rows_valid.transpose(-1, -2).to(probs.dtype), probs)[:, :, 0]  # (batch, heads, keys)
@@ -117,13 +117,15 @@ class Act(Method):
 
     def observe_received(self, call: AttentionCall, received: torch.Tensor, count: torch.Tensor,
                          request: RowRequest) -> None:
-        """The fused path's column sums (the call is exactly the prompt): attention received and rows counted."""
-        self._columns[call.layer] = (received, count)
+        """The fused path's column sums (the call is exactly the prompt): attention received and rows counted, of the
+        prompt keys (a static cache hands over its unused tail too)."""
+        prompt_len = call.roles.prompt_len
+        self._columns[call.layer] = (received[..., :prompt_len], count[..., :prompt_len])
 
     def edit_columns(self, call: AttentionCall, request: RowRequest) -> torch.Tensor:
         heads = request.heads.sort().values
         self._settle_sinks(call, heads, torch.ones_like(heads, dtype=torch.bool))
-        return self._sinks[call.layer].any(1).any(0).nonzero().squeeze(1)
+        return call.roles.align(self._sinks[call.layer]).any(1).any(0).nonzero().squeeze(1)
 
     def _settle_sinks(self, call: AttentionCall, heads: torch.Tensor, selected: torch.Tensor) -> None:
         """After the last observed block (or the fused column sums): find this layer's sinks, drop each first one."""
@@ -138,11 +140,10 @@ class Act(Method):
         probs = view.probs()
         selected = torch.isin(view.heads, request.heads)
         self._settle_sinks(call, view.heads, selected)
-        sinks = self._sinks[call.layer][:, view.heads]  # (batch, heads, prompt_len)
-        if view.columns is None:
-            sinks = torch.nn.functional.pad(sinks, (0, probs.shape[-1] - sinks.shape[-1]))[:, :, None, :]
-        else:  # a view of some key columns, which are all prompt keys (edit_columns named sinks only)
-            sinks = sinks[:, :, None, view.columns]
+        # prompt positions → this call's keys (a sliding-window layer's cache holds only the newest)
+        sinks = call.roles.align(self._sinks[call.layer][:, view.heads])[:, :, None, :]  # (batch, heads, 1, kv_len)
+        if view.columns is not None:  # a view of some key columns (edit_columns named sinks only)
+            sinks = sinks[..., view.columns]
         mass = torch.matmul(probs, sinks.to(probs.dtype).transpose(-1, -2))  # (batch, heads, rows, 1)
         beta = self.config.beta
         bias = torch.log(beta * (1 - mass) / (1 - beta * mass))

@@ -196,9 +196,9 @@ class Gift(Method):
                 return None
             question = self.question(roles).any(0)
             before = torch.cat([question[1:], question[:1] & False])  # the row before each question row
-            rows = (question | before)[call.query_positions]
+            rows = (question | before)[roles.index(call.query_positions)]
             return RowRequest(rows, read_only=True) if bool(rows.any()) else None
-        rows = call.query_positions >= roles.prompt_len - 1
+        rows = roles.from_last_prompt(call.query_positions).any(0)
         return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # the enhancement is row by row
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
@@ -241,10 +241,9 @@ class Gift(Method):
 
     def _enhance(self, call: AttentionCall, view: RowLogits) -> None:
         roles, probs, k = call.roles, view.probs(), self._num_heads // 2
-        length = probs.shape[-1]
-        hat = torch.zeros(roles.batch_size, length, dtype=probs.dtype, device=probs.device)
+        hat = torch.zeros(roles.batch_size, roles.length, dtype=probs.dtype, device=probs.device)
         if self._map is not None:
-            hat[:, : self._map.shape[1]] = self._map[:, :length]
+            hat = roles.align(self._map.to(probs.dtype))  # prompt positions → this call's keys
         image = roles.prompt_image[:, None, None, :]
         question = self.question(roles)[:, None, None, :]
         image_mass = (probs * image).sum(-1)  # (batch, heads, rows)
@@ -255,7 +254,7 @@ class Gift(Method):
         question_heads = _top_heads((probs * question).sum(-1), k)
         bias = (self.alpha * hat[:, None, None, :] * (image & visual_heads[..., None])
                 + log_scale[:, None, :, None] * (question & question_heads[..., None]))
-        last = (view.rows >= roles.prompt_len - 1).view(1, 1, -1, 1)
+        last = roles.from_last_prompt(view.rows)[:, None, :, None]  # each sample's own last prompt row
         view.add_bias(torch.where(last, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
 
     # ---- content words ---------------------------------------------------------------------------------------

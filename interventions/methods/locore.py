@@ -87,21 +87,22 @@ class Locore(Method):
                     start[b] += 1
         self._text_start = start
 
-    def _edited(self, positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        return positions >= prompt_len - self._first_row_offset
+    def _edited(self, positions: torch.Tensor, roles: TokenRoles) -> torch.Tensor:
+        """`(batch, len(positions))`: generated rows, and each sample's last prompt row if asked (any padding)."""
+        return roles.from_last_prompt(positions, 1 - self._first_row_offset)
 
     def request(self, call: AttentionCall) -> RowRequest | None:
-        rows = self._edited(call.query_positions, call.roles.prompt_len)
+        rows = self._edited(call.query_positions, call.roles).any(0)
         return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         cfg: LocoreConfig = self.config
         roles = call.roles
-        keys = torch.arange(roles.length, device=view.rows.device)
+        keys = roles.positions.to(view.rows.device)  # absolute: a sliding-window cache holds only the newest keys
         distance = view.rows[:, None] - keys[None, :]  # (rows, kv_len)
         window = (distance >= (0 if cfg.include_self else 1)) & (distance <= cfg.window)
-        window &= self._edited(view.rows, roles.prompt_len)[:, None]
-        where = window[None] & (keys[None, None, :] >= self._text_start[:, None, None])  # (batch, rows, kv_len)
+        where = window[None] & self._edited(view.rows, roles)[:, :, None]  # (batch, rows, kv_len)
+        where &= keys[None, None, :] >= self._text_start[:, None, None]
         view.add_bias(where[:, None].to(view.logits.dtype) * math.log1p(self.beta))
 
 

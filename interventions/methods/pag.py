@@ -82,7 +82,7 @@ class Pag(Method):
         heads = self._heads[call.layer].to(out.device)
         value = call.value[:, torch.div(heads, self._groups, rounding_mode="floor")]  # (batch, heads, kv_len, dim)
         if self.config.target == "identity":
-            target = value[:, :, call.query_positions]
+            target = value[:, :, call.roles.index(call.query_positions)]
         else:
             batch, q_len = out.shape[:2]
             allowed, _ = allowed_keys(call.attention_mask, batch, q_len, value.shape[2], out.device)

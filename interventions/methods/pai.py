@@ -88,11 +88,12 @@ class Pai(Method):
         self._first_row_offset = 0 if cfg.official_cfg_first_token_quirk else 1
 
     def request(self, call: AttentionCall) -> RowRequest | None:
-        rows = call.query_positions >= call.roles.prompt_len - self._first_row_offset
+        rows = call.roles.from_last_prompt(call.query_positions, 1 - self._first_row_offset).any(0)
         return RowRequest(rows, blockwise=True) if bool(rows.any()) else None  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
-        rows = (view.rows >= call.roles.prompt_len - self._first_row_offset).view(1, 1, -1, 1)
+        # each sample's own last prompt row (left or right padding) and its generated rows
+        rows = call.roles.from_last_prompt(view.rows, 1 - self._first_row_offset)[:, None, :, None]
         image = call.roles.image[:, None, None, :]
         bias = self.config.alpha * view.logits.abs()
         view.add_bias(torch.where(rows & image, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))

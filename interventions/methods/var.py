@@ -157,7 +157,8 @@ class Var(Method):
     # ---- steps B and C: rows, head selection, redistribution as a bias ------------------------------------------
     def _text_after_image(self, roles: TokenRoles, positions: torch.Tensor) -> torch.Tensor:
         """`(batch, len(positions))` bool: valid non-image positions after the sample's first image token."""
-        return roles.valid[:, positions] & ~roles.image[:, positions] & (positions[None] > self._first_image)
+        index = roles.index(positions)
+        return roles.valid[:, index] & ~roles.image[:, index] & (positions[None] > self._first_image)
 
     def request(self, call: AttentionCall) -> RowRequest | None:
         rows = self._text_after_image(call.roles, call.query_positions).any(0)
@@ -165,9 +166,8 @@ class Var(Method):
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
         cfg: VarConfig = self.config
-        roles, kv_len = call.roles, view.logits.shape[-1]
-        sinks = self._sinks[call.layer][:, :kv_len]
-        sinks = torch.nn.functional.pad(sinks, (0, kv_len - sinks.shape[1]))[:, None, None, :]  # (batch,1,1,kv)
+        roles = call.roles
+        sinks = roles.align(self._sinks[call.layer])[:, None, None, :]  # (batch, 1, 1, kv_len)
         image = roles.image[:, None, None, :]
         visual_non_sink = image & ~sinks
         probs = view.probs()

@@ -61,7 +61,8 @@ def concentric_positions(layout: Rings, valid: torch.Tensor) -> torch.Tensor:
     return step.cumsum(1) - step + ring
 
 
-def concentric_allowed(layout: Rings, allowed: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor | None:
+def concentric_allowed(layout: Rings, allowed: torch.Tensor, query_positions: torch.Tensor,
+                       key_offset: int = 0) -> torch.Tensor | None:
     """The concentric causal mask: within each image grid, query q may attend to key k iff `ring(k) <= ring(q)`
     (bidirectional within a ring, outer rings visible from inner ones, the centre sees the whole grid); every
     other pair keeps `allowed` (causal, padding, sliding window).
@@ -69,6 +70,7 @@ def concentric_allowed(layout: Rings, allowed: torch.Tensor, query_positions: to
     Args:
         allowed (`torch.BoolTensor` of shape `(batch, 1, q_len, kv_len)`): the model's mask of this call.
         query_positions (`torch.LongTensor` of shape `(q_len,)`): absolute positions of the query rows.
+        key_offset (`int`, *optional*, defaults to 0): absolute position of the first key (`TokenRoles.offset`).
 
     Returns:
         The edited mask, or None when no query row is an image token (decode steps).
@@ -80,7 +82,7 @@ def concentric_allowed(layout: Rings, allowed: torch.Tensor, query_positions: to
     if not bool((ring_q >= 0).any()):
         return None
     seg_q = torch.where(inside, layout.segment[:, rows], -1)
-    ring_k, seg_k = _fit(layout.ring, kv_len), _fit(layout.segment, kv_len)
+    ring_k, seg_k = _fit(layout.ring[:, key_offset:], kv_len), _fit(layout.segment[:, key_offset:], kv_len)
     same = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] >= 0)
     rule = ring_k[:, None, :] <= ring_q[:, :, None]
     return torch.where(same[:, None], rule[:, None], allowed)

@@ -102,7 +102,7 @@ class Cca(Method):
             return None
         if call.first_position is not None and call.first_position >= self._layout.ring.shape[1]:
             return None  # a decode step: no image query row (known on the host, no tensor work)
-        return concentric_allowed(self._layout, allowed, call.query_positions)
+        return concentric_allowed(self._layout, allowed, call.query_positions, call.roles.offset)
 
     def mask_ranks(self, call: AttentionCall) -> torch.Tensor | None:
         if not self.config.concentric_mask:

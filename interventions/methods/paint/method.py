@@ -142,7 +142,7 @@ class Paint(Method):
 
     # ---- rows ------------------------------------------------------------------------------------------------
     def request(self, call: AttentionCall) -> RowRequest | None:
-        rows = call.query_positions >= call.roles.prompt_len - 1
+        rows = call.roles.from_last_prompt(call.query_positions).any(0)
         if not bool(rows.any()):
             return None
         if self._masks is None:
@@ -150,11 +150,10 @@ class Paint(Method):
         return RowRequest(rows, blockwise=True)  # row by row: blocks are fine
 
     def edit(self, call: AttentionCall, view: RowLogits, request: RowRequest) -> None:
-        pad = view.logits.shape[-1] - call.roles.prompt_len
-        local, summary = (torch.nn.functional.pad(m, (0, pad))[:, None, None, :] for m in self._masks)
+        local, summary = (call.roles.align(m)[:, None, None, :] for m in self._masks)  # prompt positions → keys
         cfg: PaintConfig = self.config
         gain = cfg.alpha * local.to(view.logits.dtype) + cfg.beta * summary.to(view.logits.dtype)
-        rows = (view.rows >= call.roles.prompt_len - 1).view(1, 1, -1, 1)
+        rows = call.roles.from_last_prompt(view.rows)[:, None, :, None]  # each sample's own last prompt row
         bias = gain * view.logits.abs()
         view.add_bias(torch.where(rows, bias, torch.zeros((), dtype=bias.dtype, device=bias.device)))
 

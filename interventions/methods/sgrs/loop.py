@@ -53,6 +53,7 @@ def generate(method: Sgrs, model: Any, input_ids: torch.Tensor, logits_processor
 
     cache = model_kwargs.get("cache")
     if probe and use_cache and cache is not None:
+        _check_croppable(cache)
         cache.activate_past_recording()  # sliding-window layers keep what the first step's `crop(-1)` needs
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
     first = True
@@ -111,9 +112,20 @@ def _check(generation_config: GenerationConfig, input_ids: torch.Tensor) -> None
                          "not inputs_embeds alone")
 
 
-def _keys(method: Sgrs, probes: dict) -> torch.Tensor:
-    """J of this step, from the first target layer's call (the same roles and query in every layer)."""
-    return history_keys(probes[min(probes)][1], method.config.keys, method.boundary_ids)
+def _keys(method: Sgrs, probes: dict) -> list[torch.Tensor]:
+    """J of this step in each target layer, in increasing layer order (a sliding-window layer sees the newest keys
+    only)."""
+    return [history_keys(probes[layer][1], method.config.keys, method.boundary_ids) for layer in sorted(probes)]
+
+
+def _check_croppable(cache: Any) -> None:
+    """The first step rolls the cache back by one token: refuse a cache with a layer that cannot be rolled back (a
+    static cache's sliding-window layer shorter than the generation: what it overwrites is lost)."""
+    stuck = [i for i, layer in enumerate(getattr(cache, "layers", ())) if not getattr(layer, "is_croppable", True)]
+    if stuck:
+        raise InputError(f"sgrs rolls the KV cache back one token after the prefill, which layers {stuck[:5]} of this "
+                         f"{type(cache).__name__} cannot undo (a static sliding-window layer shorter than the "
+                         "generation); use the default dynamic cache (no cache_implementation='static')")
 
 
 def _refeed_last_token(model: Any, input_ids: torch.Tensor, model_kwargs: dict, use_cache: bool) -> Any:

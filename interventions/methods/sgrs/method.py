@@ -151,25 +151,28 @@ class CandidateSaliency:
         probes: per target layer, the newest row's probabilities `(batch, heads, 1, kv_len)` (autograd leaves) and
             the attention call they come from.
         logits (`torch.Tensor` of shape `(batch, vocab)`): the same forward's next-token logits (with their graph).
-        keys (`torch.BoolTensor` of shape `(batch, kv_len)`): J (`history_keys`).
+        keys (`list[torch.BoolTensor]`): J (`history_keys`) of each target layer, in increasing layer order,
+            `(batch, kv_len)` of that layer.
     """
 
     def __init__(self, probes: dict[int, tuple[torch.Tensor, AttentionCall]], logits: torch.Tensor,
-                 keys: torch.Tensor) -> None:
+                 keys: list[torch.Tensor]) -> None:
         layers = sorted(probes)
         self.leaves = [probes[layer][0] for layer in layers]
         self.log_p = torch.log_softmax(logits.float(), dim=-1)
-        self.keys = keys  # J: the same roles and query in every layer
+        # J per layer (in `layers` order): the same roles and query everywhere, but a sliding-window layer's keys
+        # are the newest only
+        self.keys = keys
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """𝒮 of `tokens` `(batch,)`, one candidate per sample, as `(batch,)` float32."""
         loss = -self.log_p.gather(1, tokens[:, None].to(self.log_p.device)).sum()  # samples are independent
         grads = torch.autograd.grad(loss, self.leaves, retain_graph=True)
         per_layer = []
-        for probs, grad in zip(self.leaves, grads):
+        for probs, grad, keys in zip(self.leaves, grads, self.keys):
             s = (probs * grad).abs()[:, :, -1].float().mean(1)  # (batch, kv_len)
             s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-            keys = self.keys.to(s.device)
+            keys = keys.to(s.device)
             count = keys.sum(-1)
             mean = (s * keys).sum(-1) / count.clamp_min(1)
             per_layer.append(torch.where(count > 0, mean, torch.ones_like(mean)).to(tokens.device))  # empty J: 1
@@ -181,7 +184,7 @@ def history_keys(call: AttentionCall, rule: str = "after_image", boundary: tuple
     (the paper's Sys_L + Img_L ≤ j ≤ P, from token roles), without the image-boundary tokens `boundary`;
     `rule="question"` also drops chat-template tokens."""
     roles = call.roles
-    keys = torch.arange(roles.length, device=roles.valid.device)
+    keys = roles.positions
     newest = call.query_positions[-1].to(keys.device)
     j = roles.valid & roles.after_last_image() & (keys <= newest)
     if rule == "question":
