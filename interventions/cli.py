@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; exit code 0 on success, 2 on a usage or validation error, 1 on a runtime failure."""
+    """Entry point; exit code 0 on success, 2 on a usage or validation error, 1 on a runtime failure, 130 on Ctrl-C."""
     parser = argparse.ArgumentParser(prog="interventions", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
     except ValueError as e:
         _error(e, args.verbose)
         return 2

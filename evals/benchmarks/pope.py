@@ -184,6 +184,11 @@ class PopeBenchmark:
             raise ValueError("pope: no question files given")
         if "{question}" not in self.prompt_template:
             raise ValueError(f"pope: prompt_template {self.prompt_template!r} has no '{{question}}' placeholder")
+        try:
+            self.prompt_template.format(question="?")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"pope: prompt_template {self.prompt_template!r} cannot be formatted ({type(e).__name__}: "
+                             f"{e}); {{question}} is its only placeholder, write literal braces as {{{{ and }}}}") from None
 
     @classmethod
     def from_dir(cls, directory: str | Path, dataset: str = "coco", **kwargs: Any) -> PopeBenchmark:
