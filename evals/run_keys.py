@@ -152,6 +152,9 @@ def changed(old: Any, new: Any, where: str = "") -> list[str]:
             else:
                 out.extend(changed(old[k], new[k], path))
         return out
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and all(isinstance(v, dict) for v in old + new)):  # e.g. the stack: name the entry that differs
+        return [c for i, (a, b) in enumerate(zip(old, new)) for c in changed(a, b, f"{where}[{i}]")]
     return [] if old == new else [f"{where or 'value'}: {_short(old)} -> {_short(new)}"]
 
 

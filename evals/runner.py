@@ -152,6 +152,13 @@ def check_folder(plan: GenerationPlan, out_dir: Path, rank: int = 0, world: int 
         ValueError: what changed since the predictions were written (the configuration, or a sample's image or
             prompt), or a `results.json` of another run in `out_dir`.
     """
+    wanted = {s.id: s for s in plan.samples}
+    for run in plan.runs:
+        path = shard_path(out_dir, run, rank, world)
+        key = check_reuse(path, plan.payload(run))
+        for sid, line in load_predictions(path, key).items():
+            if sid in wanted:
+                _check_sample(path, line, wanted[sid], plan.images)
     results = out_dir / "results.json"
     if rank == 0 and results.exists():
         try:
@@ -162,13 +169,6 @@ def check_folder(plan: GenerationPlan, out_dir: Path, rank: int = 0, world: int 
             methods = ",".join(r.get("method", "?") for r in earlier.get("runs", []))
             raise ValueError(f"{results} holds the results of another run (run {earlier.get('run_id')}, methods "
                              f"{methods or '?'}); give another --out, or leave --out out for a folder of its own")
-    wanted = {s.id: s for s in plan.samples}
-    for run in plan.runs:
-        path = shard_path(out_dir, run, rank, world)
-        key = check_reuse(path, plan.payload(run))
-        for sid, line in load_predictions(path, key).items():
-            if sid in wanted:
-                _check_sample(path, line, wanted[sid], plan.images)
 
 
 def _check_sample(path: Path, line: dict[str, Any], sample: Sample, images: dict[str, ImageFact]) -> None:
