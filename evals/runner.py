@@ -4,14 +4,13 @@ JSON + markdown table + PNG chart built from that JSON."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

@@ -65,9 +65,8 @@ def test_ctrl_c_and_a_second_writer(setup, tmp_path, capsys):
 
 
 def test_lock_is_exclusive_and_released(tmp_path):
-    with locked(tmp_path):
-        with pytest.raises(ValueError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
-            with locked(tmp_path):
-                pass
+    with locked(tmp_path), pytest.raises(ValueError, match=f"in use by another run \\(pid {os.getpid()}\\)"), \
+            locked(tmp_path):
+        pass
     with locked(tmp_path):  # released on exit
         pass

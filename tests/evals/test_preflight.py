@@ -145,7 +145,7 @@ def test_flags_builtin_smollm2_cannot_honour(tmp_path, capsys, forbid_load, flag
     (["act-heads", "--task", "copa", "--limit", "0"], "--limit must be positive"),
 ])
 def test_calibrate_checks_options_before_loading(tmp_path, capsys, monkeypatch, argv, expected):
-    import interventions.calibrate.sink_dims as sink_dims
+    from interventions.calibrate import sink_dims
 
     def fail(*a, **k):
         raise AssertionError("loaded")
@@ -157,7 +157,7 @@ def test_calibrate_checks_options_before_loading(tmp_path, capsys, monkeypatch, 
 
 
 def test_calibrate_output_path_is_checked_before_loading(tmp_path, capsys, monkeypatch):
-    import interventions.calibrate.sink_dims as sink_dims
+    from interventions.calibrate import sink_dims
 
     monkeypatch.setattr(sink_dims, "load_model", lambda *a, **k: pytest.fail("loaded"))
     blocker = tmp_path / "file"

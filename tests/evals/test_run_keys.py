@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+import torch
 from eval_setup import error_line, lines, pope_args, tiny_pope, write_questions
 from safetensors.torch import load_file, save_file
 
@@ -70,7 +70,7 @@ def test_weights_changed_in_place_are_refused(setup, tmp_path, capsys, monkeypat
     out = tmp_path / "out"
     _first_run(pope_args(mine, out, "--methods", "none"), capsys)
     weights = load_file(model / "model.safetensors")
-    name = sorted(weights)[0]
+    name = min(weights)
     weights[name] = weights[name] + 0.5
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     _forbid_load(monkeypatch)
@@ -165,3 +165,27 @@ def test_results_record_what_the_key_covers(setup, tmp_path, capsys):
     assert set(stored) == {"model", "benchmark", "stack", "decoding", "seed"}
     line = lines(out / "predictions" / "none.jsonl")[0]
     assert line["image"] == "img0.jpg" and len(line["image_md5"]) == 32 and len(line["prompt_md5"]) == 32
+
+
+def test_eval_lm_does_not_reuse_a_result_of_another_dtype(tmp_path, monkeypatch):
+    from evals.benchmarks import lm
+    from evals.method_specs import parse_methods
+    from evals.runner import run_lm
+    from interventions.loading import LoadedModel
+
+    calls = []
+
+    def fake_evaluate(model, tokenizer, tasks, work_dir, limit, include_path, seed):
+        calls.append(model.weight.dtype)
+        return {"metrics": {"copa": {"acc": 0.5 + 0.1 * len(calls)}}, "versions": {}, "n-samples": {}}
+
+    monkeypatch.setattr(lm, "evaluate_lm", fake_evaluate)
+    runs = parse_methods("none")
+    fp32 = LoadedModel(torch.nn.Linear(1, 1), None, "llama", False, "tiny-lm", "float32")
+    first = run_lm(fp32, ["copa_local"], runs, tmp_path, limit=5)
+    again = run_lm(fp32, ["copa_local"], runs, tmp_path, limit=5)  # the same configuration: cached
+    bf16 = LoadedModel(torch.nn.Linear(1, 1).to(torch.bfloat16), None, "llama", False, "tiny-lm", "bfloat16")
+    other = run_lm(bf16, ["copa_local"], runs, tmp_path, limit=5)
+    assert calls == [torch.float32, torch.bfloat16]
+    assert first["runs"][0]["metrics"] == again["runs"][0]["metrics"] != other["runs"][0]["metrics"]
+    assert other["model"]["dtype"] == "bfloat16"
