@@ -97,7 +97,8 @@ class GenerationPlan:
 
     @property
     def run_id(self) -> str:
-        """Short hash of the whole run (every column's key, the limit): the default output folder's suffix."""
+        """Short hash of the whole run (every column's key, the limit), kept in `results.json`: a folder holds the
+        results of one run."""
         return digest({"keys": [(r.label, self.key(r)) for r in self.runs], "limit": self.limit,
                        "benchmark": self.benchmark.name}, 8)
 
