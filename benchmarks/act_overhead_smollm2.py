@@ -13,7 +13,7 @@ import time
 import torch
 
 import interventions as iv
-from interventions.smollm2 import load_smollm2
+from evals.smollm2 import load_smollm2
 
 
 def timed(fn, repeats: int) -> float:

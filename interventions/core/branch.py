@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,17 +31,12 @@ from ..errors import InputError
 from .roles import TokenRoles
 
 if TYPE_CHECKING:
-    from ..methods.base import Method
+    from .contract import Method
     from .session import Session
 
 #: name of the wrapped model's own stream (`AttentionCall.stream`)
 MAIN = "main"
 
-#: model inputs with one entry per position, which follow `input_ids` when positions are dropped
-_PER_POSITION = ("token_type_ids", "mm_token_type_ids")
-#: model inputs that carry the image itself; a no-image branch drops them
-_VISION_PREFIXES = ("pixel_", "image_", "video_")
-_VISION_NAMES = ("second_per_grid_ts", "mm_encoder_outputs")  # the latter: images `generate` pre-encoded
 #: logits entries combined at a time (16 MiB of float32): bounds the temporaries of a full-sequence combination
 _CHUNK_ELEMENTS = 1 << 22
 #: inputs a branch never receives (it only needs next-token logits)
@@ -72,31 +66,6 @@ class Branch:
             raise ValueError(f"branch {self.name}: inputs {self.inputs!r} / schedule {self.schedule!r} unknown")
         if self.refresh_before and self.schedule != "prefill":
             raise ValueError(f"branch {self.name}: refresh_before needs schedule='prefill'")
-
-
-def guidance(main: torch.Tensor, other: torch.Tensor, weight: float, cutoff: float) -> torch.Tensor:
-    """Contrast two next-token distributions in log-probability space, with the adaptive plausibility cutoff.
-
-    `log p + weight·(log p − log q)`, and −inf on tokens with `log p < log(cutoff) + max log p` (none for
-    `cutoff = 0`). Used by head-perturbation guidance (`weight = w`) and PAI's text-only contrast (`weight = γ−1`).
-
-    Args:
-        main (`torch.Tensor` of shape `(..., vocab)`): logits of the main stream (p).
-        other (`torch.Tensor` of shape `(..., vocab)`): logits of the contrasted stream (q).
-        weight (`float`): contrast weight.
-        cutoff (`float`): plausibility cutoff in [0, 1).
-
-    Returns:
-        `torch.Tensor`: the guided scores, in float32 or wider.
-    """
-    dtype = torch.promote_types(main.dtype, torch.float32)
-    log_p = torch.log_softmax(main.to(dtype), -1)
-    out = torch.lerp(log_p, torch.log_softmax(other.to(dtype), -1), -weight)  # log p + w·(log p − log q)
-    if cutoff > 0:
-        drop = log_p < log_p.amax(-1, keepdim=True) + math.log(cutoff)
-    else:
-        drop = log_p == float("-inf")  # keeps −inf (and no NaN) where p already excluded a token
-    return out.masked_fill_(drop, float("-inf"))
 
 
 @dataclass
@@ -129,6 +98,10 @@ class BranchRunner:
         self._main: tuple[torch.Tensor | None, dict[str, Any]] | None = None
         self._fresh = False
 
+    def _owners(self) -> str:
+        """The names of the methods that own branches, for messages."""
+        return ", ".join(dict.fromkeys(m.name for m, _ in self.owned))
+
     @property
     def mirrors(self) -> bool:
         """True when some branch follows every forward (decoding then needs both caches in step)."""
@@ -146,7 +119,7 @@ class BranchRunner:
     def before_main(self, args: tuple, kwargs: dict, past_len: int) -> None:
         """Run the branches due before this main forward (the main roles are already up to date)."""
         if len(args) > 1:
-            raise InputError("with a branch method (pag, pai use_cfg, vhr) pass the model inputs as keywords")
+            raise InputError(f"with a branch method ({self._owners()}) pass the model inputs as keywords")
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._main = (ids, {**kwargs, "input_ids": ids} if args else kwargs)
         roles = self.session.roles
@@ -168,7 +141,7 @@ class BranchRunner:
     def after_main(self, output: Any) -> Any:
         """Combine the main logits with each mirroring branch's, in stack order."""
         if isinstance(output, tuple):
-            raise InputError("pag and pai use_cfg combine logits: call the model with return_dict=True")
+            raise InputError(f"{self._owners()} combine logits: call the model with return_dict=True")
         for method, branch in self.owned:
             if branch.schedule != "every_forward":
                 continue
@@ -193,7 +166,7 @@ class BranchRunner:
                 )
             inputs = self._decode_inputs(branch, state, ids, kwargs, main_roles)
         inputs.update({k: v for k, v in kwargs.items() if k not in inputs and k not in _NOT_FORWARDED
-                       and not (branch.inputs == "no_image" and _is_vision(k))})
+                       and not (branch.inputs == "no_image" and self.session.adapter.is_vision_input(k))})
         if branch.schedule == "prefill":
             inputs["use_cache"] = False
             if self._keep_one:
@@ -216,14 +189,14 @@ class BranchRunner:
         if ids is None:
             raise InputError(f"branch {branch.name!r} removes image tokens, so it needs input_ids (got embeddings)")
         if not bool(roles.valid[:, -1].all()):  # streams are aligned at their last tokens
-            raise InputError(f"branch {branch.name!r} (vhr, pai use_cfg) needs left padding; this batch is padded on "
+            raise InputError(f"branch {branch.name!r} ({self._owners()}) needs left padding; this batch is padded on "
                              "the right (set the tokenizer's or processor's padding_side='left')")
         drop = roles.image | torch.isin(ids, torch.tensor(self._boundary_ids, dtype=ids.dtype, device=ids.device))
         keep = roles.valid & ~drop
         width = int(keep.sum(1).max())
         mask = _left_pack(keep.long(), keep, width, fill=0)
         inputs = {"input_ids": _left_pack(ids, keep, width, fill=0)}
-        for key in _PER_POSITION:
+        for key in self.session.adapter.per_position_inputs:
             if kwargs.get(key) is not None:
                 inputs[key] = _left_pack(kwargs[key], keep, width, fill=0)
         inputs["attention_mask"] = mask
@@ -261,10 +234,6 @@ class BranchRunner:
             yield
         finally:
             session.stream, session.roles = saved
-
-
-def _is_vision(key: str) -> bool:
-    return key.startswith(_VISION_PREFIXES) or key in _VISION_NAMES
 
 
 def _left_pack(values: torch.Tensor, keep: torch.Tensor, width: int, fill: int) -> torch.Tensor:

@@ -14,17 +14,17 @@ from ..errors import InputError
 from .attention import KEYS, Binding, base_attention, bind, unbind
 from .branch import MAIN, BranchRunner
 from .call import AttentionCall
+from .contract import Capability
 from .roles import TokenRoles
 
 if TYPE_CHECKING:
-    from ..families.base import FamilyAdapter
-    from ..methods.base import Method
+    from .contract import Layout, Method
 
 
 class Session:
     """Owns the hooks and per-sequence state of one wrapped model."""
 
-    def __init__(self, model: torch.nn.Module, adapter: FamilyAdapter, methods: list[Method], base: str) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: Layout, methods: list[Method], base: str) -> None:
         self.model = model
         self.adapter = adapter
         self.methods = methods
@@ -57,7 +57,7 @@ class Session:
 
     def _attach(self) -> None:
         for method in self.methods:
-            if "model_hooks" in method.needs and method.touched_layers:
+            if Capability.model_hooks in method.needs and method.touched_layers:
                 self._undo.extend(method.install_hooks(self.model))
         config = self.adapter.text_config(self.model)
         previous = config._attn_implementation_internal
@@ -70,7 +70,7 @@ class Session:
         self._undo.append(hook.remove)
         layers = self.adapter.decoder(self.model).layers
         for layer, methods in self._by_layer.items():
-            readers = [m for m in methods if "layer_inputs" in m.needs]
+            readers = [m for m in methods if Capability.layer_inputs in m.needs]
             if readers:
                 hook = layers[layer].register_forward_pre_hook(
                     functools.partial(self._layer_input, layer, readers), with_kwargs=True)
@@ -97,7 +97,7 @@ class Session:
         own = vars(model).get("generate")
         original = model.generate
 
-        loops = [m for m in self.methods if "decoding_loop" in m.needs]
+        loops = [m for m in self.methods if Capability.decoding_loop in m.needs]
 
         @functools.wraps(original)
         def generate(*args: Any, **kwargs: Any) -> Any:
@@ -170,7 +170,7 @@ class Session:
     def _override_positions(self, args: tuple, kwargs: dict, new_len: int) -> tuple[tuple, dict] | None:
         changed = False
         for method in self.methods:
-            if "positions" in method.needs and method.touched_layers:
+            if Capability.positions in method.needs and method.touched_layers:
                 ids = method.positions(self.roles, kwargs.get("position_ids"), new_len)
                 if ids is not None:
                     kwargs["position_ids"] = ids

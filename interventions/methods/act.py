@@ -16,8 +16,8 @@ import torch
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError
-from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
-from .params import MethodConfig, choice, head_list, int_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, register
+from ..core.params import MethodConfig, choice, head_list, int_list, number, optional, param
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ActConfig(MethodConfig):
             raise ConfigError("act: give either heads or layers, not both")
 
 
-@METHODS.register("act")
+@register
 class Act(Method):
     """Hidden-sink calibration; see `ActConfig`."""
 
@@ -75,7 +75,7 @@ class Act(Method):
             )
         self._heads = {layer: torch.tensor(heads) for layer, heads in per_layer.items()}
         self._num_heads = model.num_heads
-        self.touched_layers = frozenset() if cfg.is_neutral else frozenset(per_layer)
+        self.touched_layers = frozenset(per_layer)
         self._sinks: dict[int, torch.Tensor] = {}
         self._detected: dict[int, torch.Tensor] = {}
         self._columns: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -22,12 +22,10 @@ then the last token as a one-row step) gives the same numbers and is not impleme
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,8 +35,8 @@ from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError
 from ..utils_imports import is_available
-from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
-from .params import MethodConfig, choice, int_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, preset, register
+from ..core.params import MethodConfig, choice, int_list, number, optional, param
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +100,7 @@ class GiftConfig(MethodConfig):
                                choice("auto", "same_prefill", "separate"))
 
 
-@METHODS.register("gift")
+@register
 class Gift(Method):
     """Gaze-shift saliency map + last-row cross-modal enhancement; see `GiftConfig` and the module docstring."""
 
@@ -112,8 +110,6 @@ class Gift(Method):
 
     def bind(self, model: ModelInfo) -> None:
         cfg: GiftConfig = self.config
-        if not model.has_images:
-            raise ConfigError(f"gift needs image tokens, and the {model.family} family has none (text-only model)")
         preset = _preset(model)
         missing = [n for n in ("alpha", "saliency_layers", "enhancement_layers") if getattr(cfg, n) is None]
         if missing and preset is None:
@@ -299,17 +295,15 @@ def _spacy() -> Any:
     return spacy.load("en_core_web_sm", disable=["parser", "ner"])
 
 
-@functools.cache
-def _presets() -> tuple[dict[str, Any], ...]:
-    with open(Path(__file__).parent.parent / "presets" / "gift.json") as f:
-        return tuple(json.load(f)["presets"])
+def _presets() -> list[dict[str, Any]]:
+    return preset("gift")["presets"]
 
 
 def _preset(model: ModelInfo) -> dict[str, Any] | None:
-    for preset in _presets():
-        if (preset["family"], preset["num_layers"], preset["num_heads"]) == (
+    for entry in _presets():
+        if (entry["family"], entry["num_layers"], entry["num_heads"]) == (
                 model.family, model.num_layers, model.num_heads):
-            return preset
+            return entry
     return None
 
 

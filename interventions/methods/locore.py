@@ -13,20 +13,16 @@ The unnormalised post-softmax reading of "×(1+β)" is not offered (it is not a 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
-from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
-from .params import MethodConfig, boolean, int_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, preset, register
+from ..core.params import MethodConfig, boolean, int_list, number, optional, param
 
-#: per-family `beta` (paper Table 3), with sources
-PRESET = Path(__file__).resolve().parent.parent / "presets" / "locore_beta.json"
 #: `beta` for families without a preset: the paper's main model, LLaVA-1.5
 DEFAULT_BETA = 0.15
 
@@ -52,7 +48,7 @@ class LocoreConfig(MethodConfig):
                                  "[derived] Alg. 2 takes no layer argument", optional(int_list()))
 
 
-@METHODS.register("locore")
+@register
 class Locore(Method):
     """Recent-context gain on decode rows; see `LocoreConfig`."""
 
@@ -63,8 +59,13 @@ class Locore(Method):
         cfg: LocoreConfig = self.config
         self.beta = cfg.beta if cfg.beta is not None else family_beta(model.family)
         layers = layer_range(model, "locore", cfg.layers, range(model.num_layers))
-        self.touched_layers = frozenset() if self.beta == 0 else layers
+        self.touched_layers = layers
         self._first_row_offset = 1 if cfg.apply_on_prefill_last_row else 0
+
+    @property
+    def is_neutral(self) -> bool:
+        """`beta` as resolved at bind (given, or the family preset) is 0."""
+        return self.beta == 0
 
     def start_sequence(self, roles: TokenRoles) -> None:
         # J starts after the sample's last image token (Sys_L + Img_L); 0 without an image. Generated tokens are
@@ -92,5 +93,5 @@ class Locore(Method):
 
 def family_beta(family: str) -> float:
     """`beta` of the family's preset (paper Table 3), or `DEFAULT_BETA`."""
-    families = json.loads(PRESET.read_text())["families"]
+    families = preset("locore_beta")["families"]
     return float(families[family]["beta"]) if family in families else DEFAULT_BETA

@@ -6,7 +6,7 @@ interpolated toward a target, `A' = (1−u)·A + u·T`, written on the head outp
 - `identity` (SoftPAG, T = I): `O' = (1−u)·O + u·V_self`, the value at the query's own position (its KV head, GQA);
 - `uniform` (T = U, uniform over the visible keys): `O' = (1−u)·O + u·mean(V over the keys the row may see)`.
 The guided next-token scores are `l + w·(l − l_pert)` on log-probabilities, with −inf on tokens whose
-`log p < log(cutoff) + max log p` (`core.branch.guidance`). The original stream is untouched.
+`log p < log(cutoff) + max log p` (`methods.guidance`). The original stream is untouched.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.branch import Branch, guidance
+from ..core.branch import Branch
+from .guidance import guidance
 from ..core.rows import allowed_keys
 from ..errors import ConfigError
-from .base import METHODS, AttentionCall, Method, ModelInfo
-from .params import MethodConfig, choice, head_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, register
+from ..core.params import MethodConfig, choice, head_list, number, optional, param
 
 PERTURBED = "pag:perturbed"
 
@@ -57,7 +58,7 @@ class PagConfig(MethodConfig):
         return self.w == 0 or self.u == 0
 
 
-@METHODS.register("pag")
+@register
 class Pag(Method):
     """Perturbed-branch guidance with head-level attention perturbation; see `PagConfig`."""
 
@@ -75,7 +76,7 @@ class Pag(Method):
             per_layer.setdefault(layer, []).append(head)
         self._heads = {layer: torch.tensor(heads) for layer, heads in per_layer.items()}
         self._groups = model.num_heads // model.num_kv_heads
-        self.branches = () if cfg.is_neutral else (Branch(PERTURBED, "same", "every_forward", frozenset(per_layer)),)
+        self.branches = (Branch(PERTURBED, "same", "every_forward", frozenset(per_layer)),)
 
     def edit_head_outputs(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         heads = self._heads[call.layer].to(out.device)

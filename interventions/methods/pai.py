@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.branch import Branch, guidance
+from ..core.branch import Branch
+from .guidance import guidance
 from ..core.rows import RowLogits
 from ..errors import ConfigError
-from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest
-from .params import MethodConfig, boolean, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, RowRequest, register
+from ..core.params import MethodConfig, boolean, number, optional, param
 
 TEXT_ONLY = "pai:text_only"
 
@@ -65,7 +66,7 @@ class PaiConfig(MethodConfig):
         return self.alpha == self.NEUTRAL and not self.cfg_active
 
 
-@METHODS.register("pai")
+@register
 class Pai(Method):
     """Last-row image-logit amplification and its text-only contrast; see `PaiConfig` and shared/specs/pai.md §3."""
 
@@ -75,8 +76,6 @@ class Pai(Method):
 
     def bind(self, model: ModelInfo) -> None:
         cfg: PaiConfig = self.config
-        if not model.has_images:
-            raise ConfigError(f"pai needs image tokens, and the {model.family} family has none (text-only model)")
         end = model.num_layers if cfg.end_layer is None else cfg.end_layer
         if not cfg.start_layer < end <= model.num_layers:
             raise ConfigError(

@@ -22,7 +22,6 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +29,10 @@ import torch
 from ..core.roles import TokenRoles
 from ..core.rows import RowLogits
 from ..errors import ConfigError
-from .base import METHODS, AttentionCall, Method, ModelInfo, RowRequest, layer_range
-from .params import MethodConfig, choice, int_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, RowRequest, layer_range, preset, register
+from ..core.params import MethodConfig, choice, int_list, number, optional, param
 
 #: sink dims per language model, with sources
-PRESET = Path(__file__).resolve().parent.parent / "presets" / "var_sink_dims.json"
 #: rho per task profile ([paper, 2nd-hand] §5: hallucination 0.5, general vision-language 0.8, vision-centric 0.9)
 PROFILES = {"hallucination": 0.5, "general": 0.8, "vision": 0.9}
 #: recycled fraction p by default: paper 0.6; the official code's `p: 0.6` keeps 0.6, i.e. recycles 0.4
@@ -97,7 +95,7 @@ class VarConfig(MethodConfig):
             object.__setattr__(self, "rho", PROFILES[self.profile])
 
 
-@METHODS.register("var")
+@register
 class Var(Method):
     """Visual attention redistribution; see `VarConfig`."""
 
@@ -107,11 +105,6 @@ class Var(Method):
 
     def bind(self, model: ModelInfo) -> None:
         cfg: VarConfig = self.config
-        if not model.has_images:
-            raise ConfigError(
-                f"var needs image tokens, and the {model.family} family has none (text-only model): VAR moves "
-                "attention from sink tokens to the image's non-sink tokens"
-            )
         self._official = cfg.compat == "official"
         if cfg.sink_dims is not None:
             self.dims, self._hidden_size = cfg.sink_dims, None
@@ -122,7 +115,7 @@ class Var(Method):
         if not layers:
             raise ConfigError(f"var: no layer to edit: the default layers 2..{last - 1} are empty for a "
                               f"{model.num_layers}-layer model; pass layers=[...]")
-        self.touched_layers = frozenset() if cfg.is_neutral else layers
+        self.touched_layers = layers
         self._sinks: dict[int, torch.Tensor] = {}
 
     def start_sequence(self, roles: TokenRoles) -> None:
@@ -210,7 +203,7 @@ def sink_scores(hidden: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 def preset_sink_dims(model: ModelInfo) -> tuple[tuple[int, ...], int]:
     """`(sink dims, hidden size)` of the preset matching the model's family and decoder shape, or a `ConfigError`
     saying how to find them."""
-    entries = json.loads(PRESET.read_text())["models"]
+    entries = preset("var_sink_dims")["models"]
     shape = (model.family, model.num_layers, model.num_heads, model.num_kv_heads)
     for entry in entries:
         if (entry["family"], entry["num_layers"], entry["num_heads"], entry["num_kv_heads"]) == shape:
@@ -219,5 +212,5 @@ def preset_sink_dims(model: ModelInfo) -> tuple[tuple[int, ...], int]:
         f"var: no sink_dims preset for this model ({model.family}, {model.num_layers} layers, {model.num_heads} "
         f"heads, {model.num_kv_heads} key/value heads; presets: {', '.join(e['name'] for e in entries)}). Find its "
         "massive-activation dims with `interventions calibrate sink-dims --model <id> --output dims.json` (or "
-        "interventions.calibrate.sink_dims.find_sink_dims) and pass sink_dims='dims.json', or pass sink_dims=[...]"
+        "evals.calibrate.sink_dims.find_sink_dims) and pass sink_dims='dims.json', or pass sink_dims=[...]"
     )

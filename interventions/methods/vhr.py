@@ -16,20 +16,17 @@ the image before the reinforced one.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..core.branch import Branch
 from ..core.roles import TokenRoles
 from ..errors import ConfigError
-from .base import METHODS, AttentionCall, Method, ModelInfo, layer_range
-from .params import MethodConfig, boolean, choice, int_list, number, optional, param
+from .base import AttentionCall, Method, ModelInfo, layer_range, preset, register
+from ..core.params import MethodConfig, boolean, choice, int_list, number, optional, param
 
-PRESET = Path(__file__).resolve().parent.parent / "presets" / "vhr_layers.json"
 NO_IMAGE = "vhr:no_image"
 UPFRONT = "vhr:upfront"
 
@@ -56,7 +53,7 @@ class VhrConfig(MethodConfig):
                            choice("layer_by_layer", "all_layers_upfront"))
 
 
-@METHODS.register("vhr")
+@register
 class Vhr(Method):
     """Vision-aware head reinforcement; see `VhrConfig` and the module docstring."""
 
@@ -66,20 +63,15 @@ class Vhr(Method):
 
     def bind(self, model: ModelInfo) -> None:
         cfg: VhrConfig = self.config
-        if not model.has_images:
-            raise ConfigError(f"vhr needs image tokens, and the {model.family} family has none (text-only model)")
         self.layers = layer_range(model, "vhr", cfg.layers, preset_layers(model))
         if cfg.reinforce_noimage_stream and cfg.selection == "all_layers_upfront":
             raise ConfigError("vhr: reinforce_noimage_stream=True needs selection='layer_by_layer' (upfront selection "
                               "reads unreinforced streams)")
-        self.touched_layers = frozenset() if cfg.is_neutral else self.layers
-        if cfg.is_neutral:
-            self.branches = ()
-        else:
-            refresh = frozenset(sorted(self.layers)[1:]) if cfg.reinforce_noimage_stream else frozenset()
-            self.branches = (Branch(NO_IMAGE, "no_image", "prefill", self.layers, refresh),)
-            if cfg.selection == "all_layers_upfront":
-                self.branches += (Branch(UPFRONT, "same", "prefill", self.layers),)
+        self.touched_layers = self.layers
+        refresh = frozenset(sorted(self.layers)[1:]) if cfg.reinforce_noimage_stream else frozenset()
+        self.branches = (Branch(NO_IMAGE, "no_image", "prefill", self.layers, refresh),)
+        if cfg.selection == "all_layers_upfront":
+            self.branches += (Branch(UPFRONT, "same", "prefill", self.layers),)
         self._reset()
 
     def _reset(self) -> None:
@@ -140,8 +132,7 @@ def _last_prompt_row(out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
 
 def preset_layers(model: ModelInfo) -> list[int]:
     """The family's reinforced layers from `presets/vhr_layers.json`."""
-    with open(PRESET) as f:
-        families = json.load(f)["families"]
+    families = preset("vhr_layers")["families"]
     entry = families.get(model.family, families["default"])
     count = entry["last"] if "last" in entry else math.ceil(entry["last_fraction"] * model.num_layers)
     first = {layer for layer in entry["first"] if layer < model.num_layers}

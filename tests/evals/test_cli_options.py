@@ -15,8 +15,8 @@ from evals.decoding import parse_gen_kwargs
 from evals.preflight import select_samples
 from evals.runner import build_inputs
 from evals.score import score_pope
-from interventions.cli import main
-from interventions.loading import load_model
+from evals.main import main
+from evals.loading import load_model
 
 SHAPES = ["--model", "builtin:shapes-vlm", "--no-progress"]
 

@@ -14,7 +14,7 @@ import pytest
 from eval_setup import ROOT, error_line, lines, pope_args, tiny_pope
 
 from evals.folder_lock import locked
-from interventions.cli import main
+from evals.main import main
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _args(setup, out, batch_size="1"):
 
 def test_ctrl_c_and_a_second_writer(setup, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "interventions.cli", *_args(setup, out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "evals.main", *_args(setup, out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     predictions = out / "predictions" / "none.jsonl"

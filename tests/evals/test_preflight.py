@@ -18,7 +18,7 @@ import evals.runner
 import interventions as iv
 from evals.benchmarks.generation import pope_benchmark
 from evals.preflight import check_images
-from interventions.cli import main
+from evals.main import main
 
 
 @pytest.fixture(scope="module")
@@ -145,19 +145,19 @@ def test_flags_builtin_smollm2_cannot_honour(tmp_path, capsys, forbid_load, flag
     (["act-heads", "--task", "copa", "--limit", "0"], "--limit must be positive"),
 ])
 def test_calibrate_checks_options_before_loading(tmp_path, capsys, monkeypatch, argv, expected):
-    from interventions.calibrate import sink_dims
+    from evals.calibrate import sink_dims
 
     def fail(*a, **k):
         raise AssertionError("loaded")
 
     monkeypatch.setattr(sink_dims, "load_model", fail)
-    monkeypatch.setattr("interventions.loading.load_model", fail)  # what the head searches import when they load
+    monkeypatch.setattr("evals.loading.load_model", fail)  # what the head searches import when they load
     error = _error(["calibrate", *argv, "--model", "builtin:smollm2", "--output", str(tmp_path / "x.json")], capsys)
     assert expected in error
 
 
 def test_calibrate_output_path_is_checked_before_loading(tmp_path, capsys, monkeypatch):
-    from interventions.calibrate import sink_dims
+    from evals.calibrate import sink_dims
 
     monkeypatch.setattr(sink_dims, "load_model", lambda *a, **k: pytest.fail("loaded"))
     blocker = tmp_path / "file"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import evals.cli
 from evals.predictions import load_predictions
-from interventions.cli import main
+from evals.main import main
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_eval_lm_does_not_reuse_a_result_of_another_dtype(tmp_path, monkeypatch)
     from evals.benchmarks import lm
     from evals.method_specs import parse_methods
     from evals.runner import run_lm
-    from interventions.loading import LoadedModel
+    from evals.loading import LoadedModel
 
     calls = []
 
