@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
 #: what `eval lm --model builtin:smollm2` runs without --tasks (COPA: 100 questions, about a minute on 2 cores)
 DEFAULT_LM_TASKS = ("copa_local",)
 
@@ -78,9 +77,8 @@ class Interrupted(KeyboardInterrupt):
 
 def run_eval(args: argparse.Namespace) -> int:
     """Validate everything, lock the output folder, load, run, print the markdown table."""
-    from .loading import check_load_options
-
     from .folder_lock import locked
+    from .loading import check_load_options
     from .method_specs import parse_methods
 
     started = time.time()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from interventions.api import apply
+from interventions.api import apply, method_params
 from interventions.errors import ConfigError
 
 from .devset import (
@@ -172,11 +172,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_options(stride: int, beta: float, threshold: float) -> None:
     """The search options that need no model: a positive stride and ACT's own checks of beta and threshold."""
-    from ..methods.act import ActConfig
-
     if stride < 1:
         raise ConfigError("act-heads: stride must be a positive integer")
-    ActConfig(beta=beta, threshold=threshold)
+    method_params("act", {"beta": beta, "threshold": threshold})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -12,11 +12,11 @@ import torch
 
 from evals.benchmarks import shapes
 from evals.decoding import parse_gen_kwargs
+from evals.loading import load_model
+from evals.main import main
 from evals.preflight import select_samples
 from evals.runner import build_inputs
 from evals.score import score_pope
-from evals.main import main
-from evals.loading import load_model
 
 SHAPES = ["--model", "builtin:shapes-vlm", "--no-progress"]
 

@@ -17,8 +17,8 @@ import evals.cli
 import evals.runner
 import interventions as iv
 from evals.benchmarks.generation import pope_benchmark
-from evals.preflight import check_images
 from evals.main import main
+from evals.preflight import check_images
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from eval_setup import error_line, lines, pope_args, tiny_pope, write_questions
 from safetensors.torch import load_file, save_file
 
 import evals.cli
-from evals.predictions import load_predictions
 from evals.main import main
+from evals.predictions import load_predictions
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +169,9 @@ def test_results_record_what_the_key_covers(setup, tmp_path, capsys):
 
 def test_eval_lm_does_not_reuse_a_result_of_another_dtype(tmp_path, monkeypatch):
     from evals.benchmarks import lm
+    from evals.loading import LoadedModel
     from evals.method_specs import parse_methods
     from evals.runner import run_lm
-    from evals.loading import LoadedModel
 
     calls = []
 
