@@ -4,10 +4,12 @@ loads, so bad input costs nothing; every error reaches the user as one `error: .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
-
 
 #: what `eval lm --model builtin:smollm2` runs without --tasks (COPA: 100 questions, about a minute on 2 cores)
 DEFAULT_LM_TASKS = ("copa_local",)
@@ -24,11 +26,14 @@ def add_eval_commands(subparsers: argparse._SubParsersAction) -> None:
                                           "arc_easy_local, boolq_local, copa_local)")
     add_data_arguments(pope, chair, lm)
     for parser in (pope, chair, lm):
-        parser.add_argument("--methods", required=True, help="comma-separated: none, a method, or a stack a+b")
-        parser.add_argument("--params", help='JSON {"method": {"parameter": value}}, a JSON file holding it, a tune\'s '
-                                             "tuned.json, or a saved interventions_config.json (or its folder)")
+        parser.add_argument("--methods", required=True, help="comma-separated columns: none, a method, a stack a+b, "
+                                                             "or a labelled variant pai@alpha=0.5 (the same method "
+                                                             "may appear with different parameters)")
+        parser.add_argument("--params", help='JSON {"method": {"parameter": value}} for every column of the method, '
+                                             "a JSON file holding it, a tune's tuned.json, or a saved "
+                                             "interventions_config.json (or its folder)")
         parser.add_argument("--out", help="output folder (predictions, results.json/.md/.png); default "
-                                          "runs/<today's date>")
+                                          "runs/<today's date>-<short run key>, one folder per configuration")
 
 
 def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentParser,
@@ -65,7 +70,7 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
     for parser in (pope, chair, lm):
         parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2 or "
                                                               "builtin:shapes-vlm")
-        parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
+        parser.add_argument("--limit", type=int, help="evaluate the first N samples of each split only")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
         parser.add_argument("--device-map", help="e.g. auto (accelerate)")
@@ -74,6 +79,8 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
     for parser in (pope, chair):
         parser.add_argument("--batch-size", type=int, help="default 1 (shapes data: 100)")
         parser.add_argument("--max-new-tokens", type=int, default=None)
+        parser.add_argument("--gen-kwargs", help="generate() options, lm-eval style: num_beams=5,do_sample=False "
+                                                 "(default greedy); recorded in the run key")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (also INTERVENTIONS_NO_PROGRESS=1)")
         parser.add_argument("--shapes", action="store_true", help="the shipped shapes data (the default of "
                                                                   "builtin:shapes-vlm), e.g. for a retrained organism")
@@ -81,32 +88,46 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
                                                                 "scenes (default: the first 20 / 100)")
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Validate, load, run, print the markdown table."""
-    from .runner import parse_methods
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during an eval; the message says where the predictions written so far are."""
 
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Validate everything, lock the output folder, load, run, print the markdown table."""
+    from .folder_lock import locked
+    from .loading import check_load_options
+    from .method_specs import parse_methods
+
+    started = time.time()
     runs = parse_methods(args.methods, args.params)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    out = _writable_dir(args.out or str(Path("runs") / datetime.date.today().isoformat()))
+    check_load_options(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.benchmark == "lm":
-        if args.tasks is None and args.model != "builtin:smollm2":
-            raise ValueError("eval lm needs --tasks (only builtin:smollm2 has default tasks)")
-        tasks = [t.strip() for t in (args.tasks or ",".join(DEFAULT_LM_TASKS)).split(",") if t.strip()]
-        if not tasks:
-            raise ValueError("--tasks is empty")
+        tasks = _lm_tasks(args)
         for flag in ("batch_size", "num_fewshot", "bootstrap_iters"):
             value = getattr(args, flag)
             if value is not None and value < (1 if flag == "batch_size" else 0):
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag == 'batch_size' else 0}, got {value}")
-        loaded = _load(args)
+        from .run_keys import digest
         from .runner import LmOptions, run_lm
 
         options = LmOptions(limit=args.limit, include_path=args.include_path, seed=args.seed,
                             batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                             bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples)
-        results = run_lm(loaded, tasks, runs, out, options)
+        run_id = digest([args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit, tasks,
+                         [r.resolved for r in runs], args.limit, args.seed, args.num_fewshot], 8)
+        out = _writable_dir(args.out or _default_out(run_id))
+        with locked(out, ".lock" if rank == 0 else f".lock.rank{rank}"), _interrupted_in(out):
+            loaded = _load(args)
+            results = run_lm(loaded, tasks, runs, out, options)
     else:
+        from .decoding import parse_gen_kwargs
+        from .runner import ModelSpec, check_folder, execute_plan, plan_generation
+
+        gen_kwargs = parse_gen_kwargs(args.gen_kwargs)
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         benchmark = _benchmark(args)
@@ -114,18 +135,44 @@ def run_eval(args: argparse.Namespace) -> int:
             from .benchmarks.shapes import IMAGES
 
             args.batch_size = SHAPES_BATCH_SIZE if benchmark.images == IMAGES else 1
-        benchmark.check_images(args.limit)
-        loaded = _load(args)
-        if not loaded.has_images:
-            raise ValueError(f"eval {args.benchmark} needs a vision-language model; {args.model} is text-only")
-        from .runner import run_generation
-
-        progress = not (args.no_progress or os.environ.get("INTERVENTIONS_NO_PROGRESS") == "1")
-        results = run_generation(loaded, benchmark, runs, out, args.batch_size, args.limit, args.max_new_tokens,
-                                 args.seed, progress)
+        spec = ModelSpec(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
+        plan = plan_generation(benchmark, runs, spec, args.batch_size, args.limit, args.max_new_tokens, gen_kwargs,
+                               args.seed)
+        out = _writable_dir(args.out or _default_out(plan.folder_id))
+        with locked(out, ".lock" if rank == 0 else f".lock.rank{rank}"), _interrupted_in(out):
+            check_folder(plan, out, rank, world)
+            loaded = _load(args)
+            if not loaded.has_images:
+                raise ValueError(f"eval {args.benchmark} needs a vision-language model; {args.model} is text-only")
+            progress = not (args.no_progress or os.environ.get("INTERVENTIONS_NO_PROGRESS") == "1")
+            results = execute_plan(loaded, plan, out, progress, started)
     if results is not None:
         print((out / "results.md").read_text(), end="")
     return 0
+
+
+def _lm_tasks(args: argparse.Namespace) -> list[str]:
+    if args.tasks is None and args.model != "builtin:smollm2":
+        raise ValueError("eval lm needs --tasks (only builtin:smollm2 has default tasks)")
+    tasks = [t.strip() for t in (args.tasks or ",".join(DEFAULT_LM_TASKS)).split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks is empty")
+    return tasks
+
+
+def _default_out(run_id: str) -> str:
+    """`runs/<today>-<run id>`: one folder per configuration, so runs with other parameters never meet."""
+    return str(Path("runs") / f"{datetime.date.today().isoformat()}-{run_id}")
+
+
+@contextlib.contextmanager
+def _interrupted_in(out: Path) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into `Interrupted`, naming the folder that keeps the predictions."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"the predictions written so far are kept in {out}; rerun the same command to "
+                          "resume") from None
 
 
 SHAPES_MODEL = "builtin:shapes-vlm"

@@ -25,6 +25,9 @@ class LoadedModel:
     has_images: bool
     model_id: str
     dtype: str
+    device_map: Any = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
 
 
 def load_model(model_id: str, dtype: str = "float32", device_map: str | None = None, load_in_4bit: bool = False,
@@ -37,21 +40,16 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     import torch
     import transformers
 
-    if dtype not in ("float32", "float16", "bfloat16", "auto"):
-        raise ValueError(f"--dtype {dtype!r} invalid; expected float32, float16, bfloat16 or auto")
+    check_load_options(model_id, dtype, device_map, load_in_4bit, load_in_8bit)
     if model_id in BUILTIN_FOLDERS:
         loaded = load_model(str(BUILTIN_FOLDERS[model_id]), dtype, device_map, load_in_4bit, load_in_8bit)
         loaded.model_id = model_id
         return loaded
-    if model_id.startswith("builtin:"):
-        if model_id != "builtin:smollm2":
-            raise ValueError(f"unknown builtin model {model_id!r}; available: {', '.join(BUILTINS)}")
+    if model_id == "builtin:smollm2":
         from .smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2(dtype=dtype)
         return LoadedModel(model, tokenizer, "causal_lm", False, model_id, _ran_in(model))
-    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().exists():
-        raise ValueError(f"model path {model_id!r} does not exist")
     try:
         config = transformers.AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as e:
@@ -76,7 +74,34 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_id, **kwargs)
         processor = transformers.AutoTokenizer.from_pretrained(model_id)
-    return LoadedModel(model.eval(), processor, adapter.name, adapter.has_images, model_id, _ran_in(model))
+    return LoadedModel(model.eval(), processor, adapter.name, adapter.has_images, model_id, _ran_in(model), device_map,
+                       load_in_4bit, load_in_8bit)
+
+
+def check_load_options(model_id: str, dtype: str = "float32", device_map: str | None = None,
+                       load_in_4bit: bool = False, load_in_8bit: bool = False) -> None:
+    """Everything `load_model` can check without loading: the name, the dtype, and flags a builtin cannot honour.
+
+    Raises:
+        ValueError: an unknown `builtin:` name or dtype, a missing local path, 4- and 8-bit together, or
+            `builtin:smollm2` with quantisation or a device map (its GGUF weights load de-quantised on the CPU).
+    """
+    if model_id.startswith("builtin:") and model_id not in BUILTINS:
+        raise ValueError(f"unknown builtin model {model_id!r}; available: {', '.join(BUILTINS)}")
+    if model_id.startswith((".", "/", "~")) and not Path(model_id).expanduser().exists():
+        raise ValueError(f"model path {model_id!r} does not exist")
+    dtypes = ("float32", "float16", "bfloat16", "auto")
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r} invalid for {model_id}; expected {', '.join(dtypes)}")
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("--load-in-4bit and --load-in-8bit exclude each other")
+    if model_id == "builtin:smollm2":
+        given = [flag for flag, on in (("--load-in-4bit", load_in_4bit), ("--load-in-8bit", load_in_8bit),
+                                       ("--device-map", device_map is not None)) if on]
+        if given:
+            raise ValueError(f"builtin:smollm2 cannot honour {', '.join(given)}: its Q4_1 GGUF weights are "
+                             "de-quantised by transformers and load on the CPU; drop the flag, or load a "
+                             "checkpoint folder of the model instead")
 
 
 def _ran_in(model: Any) -> str:

@@ -8,7 +8,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; exit code 0 on success, 2 on a usage or validation error, 1 on a runtime failure."""
+    """Entry point; exit code 0 on success, 2 on a usage or validation error, 1 on a runtime failure, 130 on Ctrl-C."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["lm-eval"]:  # lm-eval's own parser takes every argument after it
         from evals.lm_eval_cli import main as lm_eval_main
@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, the shell's exit code for SIGINT
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
     except ValueError as e:
         _error(e, args.verbose)
         return 2

@@ -11,10 +11,11 @@ from typing import Any
 
 
 def load_predictions(path: Path, run_key: str) -> dict[str, dict[str, Any]]:
-    """Predictions already in `path`, by sample id (first line wins); a torn last line is cut off the file.
+    """Predictions already in `path`, by sample id; a torn last line is cut off the file.
 
     Raises:
-        ValueError: the file holds predictions of another configuration (another run key).
+        ValueError: a line that is not a JSON object with a string `id`, an id twice (two writers), or a line of
+            another configuration (another run key).
     """
     if not path.exists():
         return {}
@@ -24,6 +25,7 @@ def load_predictions(path: Path, run_key: str) -> dict[str, dict[str, Any]]:
         with open(path, "r+b") as f:
             f.truncate(len(complete))
     done: dict[str, dict[str, Any]] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(complete.splitlines(), 1):
         if not line.strip():
             continue
@@ -31,18 +33,25 @@ def load_predictions(path: Path, run_key: str) -> dict[str, dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise ValueError(f"{path}: line {number} is not JSON; the predictions file is corrupt") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise ValueError(f"{path}: line {number} has no string 'id'; not a predictions file of this runner")
         if record.get("run_key") != run_key:
-            raise ValueError(f"{path} holds predictions of another configuration (run key {record.get('run_key')}"
-                             f" != {run_key}); use another --out folder")
-        done.setdefault(str(record["id"]), record)
+            raise ValueError(f"{path} line {number} holds a prediction of another configuration (run key "
+                             f"{record.get('run_key')} != {run_key}); use another --out folder")
+        sid = record["id"]
+        if sid in done:
+            raise ValueError(f"{path}: sample {sid} appears twice (lines {lines[sid]} and {number}); two runs wrote "
+                             "into this folder at once; delete the file to recompute")
+        done[sid], lines[sid] = record, number
     return done
 
 
 def append_predictions(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines and force them to disk."""
+    """Append records as JSON lines (one write, so an interrupt leaves at most a torn last line) and force them to
+    disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for record in records)
     with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -47,30 +47,49 @@ def score_chair(
     return {**result, "captions_file": info, "captions": details}
 
 
-def score_pope(questions_path: str | Path, predictions_path: str | Path, parser: str = "official") -> dict[str, Any]:
-    """POPE metrics of one split: answers matched to questions by `question_id`.
+def score_pope(questions_path: str | Path, predictions_path: str | Path, parser: str = "official",
+               partial: bool = False) -> dict[str, Any]:
+    """POPE metrics of saved answers, matched to questions by id.
 
     Args:
-        questions_path (`str` or `Path`): a POPE question file (JSON Lines, LF or CRLF, or a JSON array).
-        predictions_path (`str` or `Path`): JSON Lines of ``{"question_id": int, "text": str}`` (LLaVA's answer
-            files have these keys), one per question.
+        questions_path (`str` or `Path`): a POPE question file (JSON Lines, LF or CRLF, or a JSON array), or a
+            folder with one ``*_pope_<split>.json`` file per split (as `eval pope --questions` takes).
+        predictions_path (`str` or `Path`): JSON Lines of either ``{"question_id": int, "text": str}`` (LLaVA's
+            answer files), one per question of one file, or the eval runner's ``{"id": "<split>/<question_id>",
+            "text": str}`` (`OUT/predictions/<method>.jsonl`), which are scored per split like the runner does.
         parser (`str`, *optional*, defaults to `"official"`): `official`, `lmms-eval` or `vlmevalkit`.
+        partial (`bool`, *optional*, defaults to `False`): score only the answered questions (the predictions of
+            a `--limit` run), as the runner does; by default every question needs an answer.
 
     Returns:
-        `dict`: `accuracy`, `precision`, `recall`, `f1`, `yes_ratio` (fractions), counts (`n`, `tp`, `fp`, `tn`,
-        `fn`, `unparsed`), `parser`, `questions_file` (md5, lines, format, version, ...) and `predictions_file`.
+        `dict`: for `question_id` answers: `accuracy`, `precision`, `recall`, `f1`, `yes_ratio` (fractions),
+        counts (`n`, `tp`, `fp`, `tn`, `fn`, `unparsed`), `parser`, `questions_file` (md5, lines, format,
+        version, ...) and `predictions_file`. For runner predictions: one such metrics dict per split and
+        `average` (the runner's `metrics`), plus `parser`, `questions_files` and `predictions_file`.
 
     Raises:
         ValueError: unknown parser, a missing or malformed file or field, an unknown or duplicated question id,
-            a question without an answer.
+            a question without an answer, a folder of questions with `question_id` answers.
     """
-    from .benchmarks.pope import load_questions, score_split
     from .benchmarks.pope_parsers import PARSERS
-    from .benchmarks.records import read_records, require_field
+    from .benchmarks.records import read_records
 
     PARSERS.get(parser)
-    questions, questions_info = load_questions(questions_path)
     records, predictions_info = read_records(predictions_path, "predictions file")
+    if "id" in records[0][1] and "question_id" not in records[0][1]:
+        return _score_runner_pope(Path(questions_path), records, predictions_info, parser, partial)
+    if Path(questions_path).is_dir():
+        raise ValueError(f"--questions {str(questions_path)!r} is a folder; answers keyed by question_id belong to "
+                         "one question file (give the file), or use the runner's predictions (ids '<split>/<id>')")
+    return _score_llava_pope(questions_path, records, predictions_info, parser, partial)
+
+
+def _score_llava_pope(questions_path: str | Path, records: list, predictions_info: dict[str, Any],
+                      parser: str, partial: bool) -> dict[str, Any]:
+    from .benchmarks.pope import load_questions, score_split
+    from .benchmarks.records import require_field
+
+    questions, questions_info = load_questions(questions_path)
     known = {q["question_id"] for q in questions}
     answers: dict[int, str] = {}
     seen: dict[int, str] = {}
@@ -84,8 +103,33 @@ def score_pope(questions_path: str | Path, predictions_path: str | Path, parser:
             raise ValueError(f"{where}: duplicate question_id {qid} (first at {seen[qid]})")
         seen[qid] = pos
         answers[qid] = text
-    metrics = score_split(questions, answers, parser)
+    metrics = score_split(questions, answers, parser, require_all=not partial)
     return {**metrics, "parser": parser, "questions_file": questions_info, "predictions_file": predictions_info}
+
+
+def _score_runner_pope(questions: Path, records: list, predictions_info: dict[str, Any],
+                       parser: str, partial: bool) -> dict[str, Any]:
+    """The runner's predictions (ids `<split>/<question_id>`), scored as `PopeBenchmark.score` scores them; with one
+    question file, only the predictions of its split."""
+    from .benchmarks.generation import question_files
+    from .benchmarks.pope import PopeBenchmark
+    from .benchmarks.records import require_field
+
+    files = question_files(questions)
+    predictions = []
+    for pos, rec in records:
+        where = f"predictions file {predictions_info['path']!r} {pos}"
+        sid = require_field(rec, "id", str, where)
+        text = require_field(rec, "text", str, where)
+        if sid.split("/", 1)[0] in files:
+            predictions.append({"id": sid, "text": text})
+    if not predictions:
+        raise ValueError(f"predictions file {predictions_info['path']!r} has no prediction for the "
+                         f"{', '.join(files)} split(s) of --questions {str(questions)!r}")
+    bench = PopeBenchmark(files, parser=parser)
+    metrics = bench.score(predictions, require_all=not partial)
+    return {**metrics, "parser": parser, "questions_files": bench.record()["files"],
+            "predictions_file": predictions_info}
 
 
 def add_score_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -102,10 +146,13 @@ def add_score_commands(subparsers: argparse._SubParsersAction) -> None:
     chair.add_argument("--objects", metavar="FILE", help="per-image object sets (JSON or JSON.gz)")
     chair.add_argument("--annotations", metavar="DIR", help="COCO 2014 instances_* and captions_* files")
     chair.set_defaults(run=_run_chair)
-    pope = benchmarks.add_parser("pope", help="POPE accuracy, precision, recall, F1, yes-ratio of one split")
-    pope.add_argument("--questions", required=True, metavar="FILE", help="POPE question file")
-    pope.add_argument("--predictions", required=True, metavar="FILE.jsonl", help='lines {"question_id", "text"}')
+    pope = benchmarks.add_parser("pope", help="POPE accuracy, precision, recall, F1, yes-ratio")
+    pope.add_argument("--questions", required=True, metavar="PATH", help="POPE question file, or a folder of "
+                                                                         "*_pope_<split>.json files")
+    pope.add_argument("--predictions", required=True, metavar="FILE.jsonl",
+                      help='lines {"question_id", "text"}, or the runner\'s OUT/predictions/<method>.jsonl')
     pope.add_argument("--parser", default="official", help="official (default), lmms-eval or vlmevalkit")
+    pope.add_argument("--partial", action="store_true", help="score only the answered questions (a --limit run)")
     pope.set_defaults(run=_run_pope)
 
 
@@ -115,5 +162,6 @@ def _run_chair(args: argparse.Namespace) -> int:
 
 
 def _run_pope(args: argparse.Namespace) -> int:
-    print(json.dumps(score_pope(args.questions, args.predictions, parser=args.parser), indent=2))
+    print(json.dumps(score_pope(args.questions, args.predictions, parser=args.parser, partial=args.partial),
+                     indent=2))
     return 0

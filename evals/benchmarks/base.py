@@ -9,11 +9,15 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt: `question` is the user text; `image` the image file (None for text-only benchmarks)."""
+    """One prompt: `question` is the user text; `image` the image file (None for text-only benchmarks), `image_ref`
+    its path as the data names it (relative to the images folder), `split` the part of the benchmark it belongs to
+    (POPE: random, popular, adversarial; `--limit` counts per split)."""
 
     id: str
     question: str
     image: Path | None
+    split: str = ""
+    image_ref: str | None = None
 
 
 class GenerationBenchmark(Protocol):

@@ -26,19 +26,13 @@ class ImageBenchmark:
         # POPE formats each question with its template (a method); CHAIR's `prompt` is the text itself
         template = self.inner.prompt if callable(self.inner.prompt) else None
         self._samples = [
-            Sample(s["id"], template(s["question"]) if template else s["question"], self.images / s["image"])
+            Sample(s["id"], template(s["question"]) if template else s["question"], self.images / s["image"],
+                   s.get("split", ""), s["image"])
             for s in self.inner.samples()
         ]
 
     def samples(self) -> list[Sample]:
         return self._samples
-
-    def check_images(self, limit: int | None) -> None:
-        """Fail before any model work when an image of the samples to run is missing."""
-        missing = [s for s in self._samples[:limit] if not s.image.is_file()]
-        if missing:
-            raise ValueError(f"{len(missing)} image file(s) not found under {str(self.images)!r}, "
-                             f"e.g. {missing[0].image.name} (sample {missing[0].id})")
 
     def score(self, samples: list[Sample], texts: dict[str, str]) -> dict[str, Any]:
         every = len(samples) == len(self._samples)
@@ -53,17 +47,35 @@ def pope_benchmark(questions: Path, images: Path, parser: str = "official",
     """One POPE question file (its split named after the file: `coco_pope_random.json` → `random`), or a folder
     holding one ``*_pope_<split>.json`` file per split; `prompt` defaults to LLaVA-1.5's template."""
     kwargs = {"parser": parser} if prompt is None else {"parser": parser, "prompt_template": prompt}
+    return ImageBenchmark(PopeBenchmark(question_files(questions), **kwargs), images)
+
+
+def question_files(questions: Path) -> dict[str, Path]:
+    """Split name → POPE question file: one file named ``*_pope_<split>.json``, or a folder with at most one such
+    file per split.
+
+    Raises:
+        ValueError: no such file, a split name that is not one of POPE's, two files for one split, no files.
+    """
     if questions.is_dir():
         found = {split: sorted(questions.glob(f"*_pope_{split}.json")) for split in SPLITS}
-        files = {split: paths[0] for split, paths in found.items() if len(paths) == 1}
+        twice = {split: paths for split, paths in found.items() if len(paths) > 1}
+        if twice:
+            split, paths = next(iter(twice.items()))
+            raise ValueError(f"--questions {str(questions)!r} has {len(paths)} files for the {split} split "
+                             f"({', '.join(p.name for p in paths)}); keep one per split")
+        files = {split: paths[0] for split, paths in found.items() if paths}
         if not files:
             raise ValueError(f"--questions {str(questions)!r}: a folder without *_pope_{{{','.join(SPLITS)}}}.json "
                              "files (exactly one per split)")
-        return ImageBenchmark(PopeBenchmark(files, **kwargs), images)
+        return files
     if not questions.is_file():
         raise ValueError(f"--questions {str(questions)!r}: no such file")
     split = questions.stem.rsplit("_", 1)[-1]
-    return ImageBenchmark(PopeBenchmark({split: questions}, **kwargs), images)
+    if split not in SPLITS:
+        raise ValueError(f"--questions {str(questions)!r}: the split is read from the file name "
+                         f"(*_pope_<{'|'.join(SPLITS)}>.json), and {split!r} is not a POPE split; rename the file")
+    return {split: questions}
 
 
 def chair_benchmark(images: Path, image_ids: Path, prompt: str | None = None, objects: str | None = None,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from interventions.api import apply
+from interventions.api import apply, method_params
 from interventions.errors import ConfigError
 
 from .devset import (
@@ -83,8 +83,7 @@ def search_act_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, limit
         >>> write_heads(result, "heads.json")
         >>> iv.wrap(model, "act", heads="heads.json")
     """
-    if stride < 1:
-        raise ConfigError("act-heads: stride must be a positive integer")
+    check_options(stride, beta, threshold)
     dev = dev_set(model, tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, model_id=model_id,
                   tool="act-heads")
     layers, heads, pool = _candidates(model, layers, heads, stride)
@@ -172,9 +171,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=0.1)
 
 
+def check_options(stride: int, beta: float, threshold: float) -> None:
+    """The search options that need no model: a positive stride and ACT's own checks of beta and threshold."""
+    if stride < 1:
+        raise ConfigError("act-heads: stride must be a positive integer")
+    method_params("act", {"beta": beta, "threshold": threshold})
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `search_act_heads` from parsed `add_arguments` options, write the file and print a summary."""
-    model, tokenizer, model_id = load_for_search(args)
+    check_options(args.stride, args.beta, args.threshold)
+    model, tokenizer, model_id = load_for_search(args, "act-heads")
     output = Path(args.output)
     result = search_act_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed, layers=args.layers,
                               heads=args.heads, stride=args.stride, beta=args.beta, threshold=args.threshold,

@@ -13,6 +13,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -250,10 +251,33 @@ def write_calibrated_config(model: torch.nn.Module, method: str, params: dict[st
         return f"no saved config written: {e}"
 
 
-def load_for_search(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
-    """The model, its tokenizer and its id from parsed `add_search_arguments` options."""
-    from ..loading import load_model
+def check_output_file(path: str | Path, what: str = "--output") -> Path:
+    """Fail before any model work when `path` cannot be written: a folder, or under a non-folder or a read-only
+    folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'result.json')!r}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{what} {str(path)!r} cannot be written: {str(parent)!r} is not writable")
+    return path
 
+
+def load_for_search(args: argparse.Namespace, tool: str) -> tuple[torch.nn.Module, Any, str]:
+    """The model, its tokenizer and its id from parsed `add_search_arguments` options, after checking the options
+    that need no model (output files, limit, batch size, loading flags)."""
+    from ..loading import check_load_options, load_model
+
+    check_output_file(args.output)
+    if args.results is not None:
+        check_output_file(args.results, "--results")
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError(f"{tool}: --batch-size and --limit must be positive integers")
+    check_load_options(args.model, args.dtype, args.device_map)
     loaded = load_model(args.model, args.dtype, args.device_map)
     return loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor), loaded.model_id
 

@@ -88,11 +88,7 @@ def search_perturb_heads(model: torch.nn.Module, tokenizer: Any, task: str, *, l
         >>> write_heads(result, "pag_heads.json")
         >>> iv.wrap(model, "pag", heads="pag_heads.json", u=0.5)
     """
-    PagConfig(heads=[(0, 0)], u=u, w=w, target=target, cutoff=cutoff)  # the same checks as the method
-    if u == 0 or w == 0:
-        raise ConfigError("perturb-heads: u and w must be positive (u = 0 or w = 0 switches guidance off)")
-    if rounds < 1 or top_k < 1:
-        raise ConfigError("perturb-heads: rounds and top_k must be positive integers")
+    check_options(rounds, top_k, u, w, target, cutoff)
     dev = dev_set(model, tokenizer, task, limit=limit, seed=seed, batch_size=batch_size, model_id=model_id,
                   tool="perturb-heads")
     layers, heads, pool = head_pool(model, layers, heads, range, "perturb-heads")
@@ -178,9 +174,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutoff", type=float, default=0.0, help="plausibility cutoff during the search (0 = off)")
 
 
+def check_options(rounds: int, top_k: int, u: float, w: float, target: str, cutoff: float) -> None:
+    """The search options that need no model: pag's own checks, positive u, w, rounds and top_k."""
+    PagConfig(heads=[(0, 0)], u=u, w=w, target=target, cutoff=cutoff)  # the same checks as the method
+    if u == 0 or w == 0:
+        raise ConfigError("perturb-heads: u and w must be positive (u = 0 or w = 0 switches guidance off)")
+    if rounds < 1 or top_k < 1:
+        raise ConfigError("perturb-heads: rounds and top_k must be positive integers")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `search_perturb_heads` from parsed `add_arguments` options, write the file and print a summary."""
-    model, tokenizer, _ = load_for_search(args)
+    check_options(args.rounds, args.top_k, args.u, args.w, args.target, args.cutoff)
+    model, tokenizer, _ = load_for_search(args, "perturb-heads")
     output = Path(args.output)
     result = search_perturb_heads(model, tokenizer, args.task, limit=args.limit, seed=args.seed,
                                   layers=args.layers, heads=args.heads, rounds=args.rounds, top_k=args.top_k,

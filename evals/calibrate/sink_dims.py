@@ -79,6 +79,7 @@ def find_sink_dims(model: torch.nn.Module, tokenizer: Any = None, prompts: Seque
         >>> write_preset(result, "dims.json")
         >>> iv.wrap(model, "var", sink_dims="dims.json")
     """
+    check_options(threshold, min_fraction, top_k)
     adapter = resolve(model)
     decoder_layers = adapter.decoder(model).layers
     hidden_size = adapter.text_config(model).hidden_size
@@ -224,8 +225,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-map", default=None, help="passed to from_pretrained (e.g. 'auto')")
 
 
+def check_options(threshold: float, min_fraction: float, top_k: int) -> None:
+    """The options that need no model: `threshold` > 0 (a ratio |x_d|/RMS(x)), `min_fraction` in (0, 1],
+    `top_k` >= 1."""
+    if not math.isfinite(threshold) or threshold <= 0:
+        raise ConfigError(f"sink-dims: threshold={threshold} is invalid; expected a ratio |x_d|/RMS(x) > 0 "
+                          "(default 20, VAR's tau)")
+    if not 0 < min_fraction <= 1:
+        raise ConfigError(f"sink-dims: min_fraction={min_fraction} is invalid; expected 0 < min_fraction <= 1")
+    if top_k < 1:
+        raise ConfigError(f"sink-dims: top_k={top_k} is invalid; expected an integer >= 1")
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `find_sink_dims` from parsed `add_arguments` options, write the file and print a summary."""
+    from ..loading import check_load_options
+    from .devset import check_output_file
+
+    check_options(args.threshold, args.min_fraction, args.top_k)
+    check_output_file(args.output)
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise ConfigError(f"sink-dims: --prompts {args.prompts!r} is not a file")
+    check_load_options(args.model, args.dtype, args.device_map)
     loaded = load_model(args.model, args.dtype, args.device_map)
     model, tokenizer, model_id = loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor), args.model
     prompts = DEFAULT_PROMPTS

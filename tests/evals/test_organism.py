@@ -108,7 +108,8 @@ def test_short_eval_on_the_builtin_needs_no_data_arguments(task, tmp_path, capsy
                  "--batch-size", "12", "--out", str(out), "--no-progress"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["samples"]["evaluated"] == 12 and results["decoding"]["max_new_tokens"] == 16
+    per_split = 3 if task == "pope" else 1  # --limit counts per split: three POPE splits, one CHAIR set
+    assert results["samples"]["evaluated"] == 12 * per_split and results["decoding"]["max_new_tokens"] == 16
     none = results["runs"][0]["metrics"]
     if task == "pope":
         assert none["random"]["n"] == 12 and none["random"]["accuracy"] >= 0.75
@@ -120,12 +121,12 @@ def test_short_eval_on_the_builtin_needs_no_data_arguments(task, tmp_path, capsy
 
 
 def test_the_readme_main_job_needs_no_output_argument(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # results go to runs/<today's date> under the working folder
+    monkeypatch.chdir(tmp_path)  # results go to runs/<today's date>-<run key> under the working folder
     code = main(["eval", "pope", "--model", "builtin:shapes-vlm", "--methods", "none", "--limit", "3",
                  "--no-progress"])
     assert code == 0
     (folder,) = (tmp_path / "runs").iterdir()
-    assert json.loads((folder / "results.json").read_text())["samples"]["evaluated"] == 3
+    assert json.loads((folder / "results.json").read_text())["samples"]["evaluated"] == 9  # 3 per split
     assert "| none |" in capsys.readouterr().out
 
 

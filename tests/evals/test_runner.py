@@ -65,7 +65,7 @@ def test_eval_pope_writes_results(setup, tmp_path, capsys):
         assert set(metrics) == {"random", "average"}
         assert set(metrics["average"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
         assert 0 <= metrics["average"]["accuracy"] <= 1
-    assert results["samples"] == {"available": 30, "evaluated": 8, "limit": 8}
+    assert results["samples"] == {"available": 30, "evaluated": 8, "limit": 8, "limit_per": "split"}
     assert results["decoding"]["max_new_tokens"] == 3
     assert results["data"]["files"]["random"]["md5"]
     assert {"interventions", "transformers", "torch"} <= set(results["versions"])
@@ -110,7 +110,7 @@ def test_two_processes_merge_to_the_single_process_result(setup, tmp_path):
     done = subprocess.run(launch + _pope_args(setup, sharded, *args), capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in (sharded / "predictions").iterdir()) == [
+    assert sorted(p.name for p in (sharded / "predictions").glob("*.jsonl")) == [
         "none.rank0.jsonl", "none.rank1.jsonl", "pai.rank0.jsonl", "pai.rank1.jsonl"]
     runs = [json.loads((d / "results.json").read_text())["runs"] for d in (single, sharded)]
     assert [r["metrics"] for r in runs[0]] == [r["metrics"] for r in runs[1]]
@@ -119,9 +119,11 @@ def test_two_processes_merge_to_the_single_process_result(setup, tmp_path):
 def _bad(setup, tmp_path):
     q, img, model = setup["questions"], setup["images"], setup["model"]
     out = str(tmp_path / "o")
-    corrupt = tmp_path / "corrupt.json"
+    (tmp_path / "corrupt").mkdir()
+    corrupt = tmp_path / "corrupt" / "x_pope_random.json"
     corrupt.write_text('{"question_id": 1, "image": "a.jpg", "text": "x", "label": "yes"}\n{not json\n')
-    missing_image = tmp_path / "missing_image.json"
+    (tmp_path / "missing_image").mkdir()
+    missing_image = tmp_path / "missing_image" / "x_pope_random.json"
     missing_image.write_text('{"question_id": 1, "image": "nope.jpg", "text": "Is there a dog?", "label": "yes"}\n')
     a_file = tmp_path / "a_file"
     a_file.write_text("")
