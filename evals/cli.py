@@ -102,10 +102,10 @@ def run_eval(args: argparse.Namespace) -> int:
     runs = parse_methods(args.methods, args.params)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    check_load_options(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.benchmark == "lm":
+        check_load_options(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
         tasks = _lm_tasks(args)
         for flag in ("batch_size", "num_fewshot", "bootstrap_iters"):
             value = getattr(args, flag)
@@ -130,7 +130,8 @@ def run_eval(args: argparse.Namespace) -> int:
         gen_kwargs = parse_gen_kwargs(args.gen_kwargs)
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        benchmark = _benchmark(args)
+        benchmark = _benchmark(args)  # data and prompt template checked first, then the model's options
+        check_load_options(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
         if args.batch_size is None:  # the organism's prompts are short and equal in length: batch them
             from .benchmarks.shapes import IMAGES
 

@@ -204,8 +204,9 @@ def generation_table(benchmark: Any, texts: Mapping[str, str], metrics: Mapping[
 
 def attach(result_runs: list[dict[str, Any]], tables: Mapping[str, SampleTable | None],
            names: list[str] | None = None) -> None:
-    """Add `paired_vs_none` to every run other than `none` of `result_runs` (nothing without a `none` run)."""
-    if "none" not in tables or any(t is None for t in tables.values()):
+    """Add `paired_vs_none` to every run other than `none` of `result_runs` (nothing without a `none` run and
+    another to pair it with)."""
+    if "none" not in tables or len(tables) < 2 or any(t is None for t in tables.values()):
         return
     paired = paired_vs_none(tables, names)  # type: ignore[arg-type]
     for run in result_runs:

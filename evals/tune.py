@@ -138,13 +138,6 @@ class Subset:
     def samples(self) -> list[Any]:
         return self._samples
 
-    def check_images(self, limit: int | None) -> None:
-        """Fail before any model work when an image of the samples to run is missing."""
-        missing = [s for s in self._samples[:limit] if not s.image.is_file()]
-        if missing:
-            raise ValueError(f"{len(missing)} image file(s) of the {self.part} split not found, e.g. "
-                             f"{missing[0].image} (sample {missing[0].id})")
-
     def score(self, samples: list[Any], texts: dict[str, str]) -> dict[str, Any]:
         return self.inner.score(samples, texts)
 
@@ -237,8 +230,10 @@ def _generation_splits(args: argparse.Namespace) -> tuple[str, Evaluate, Evaluat
         dev_bench = Subset(dev_bench, tuple(ids[args.dev_offset:args.dev_offset + (args.dev_limit or len(ids))]),
                            "dev")
     batch = args.batch_size or (SHAPES_BATCH_SIZE if test_bench.images == shapes.IMAGES else 1)
-    for bench in (dev_bench, test_bench):
-        bench.check_images(args.limit)
+    from .preflight import check_images, select_samples
+
+    for bench, limit in ((dev_bench, None), (test_bench, args.limit)):  # every image opened once, before loading
+        check_images(select_samples(bench.samples(), limit), bench.images)
     loaded = _load(args)
     if not loaded.has_images:
         raise ValueError(f"tune {args.benchmark} needs a vision-language model; {args.model} is text-only")

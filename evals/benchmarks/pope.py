@@ -279,11 +279,11 @@ def check_template(template: str) -> None:
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
     except ValueError as e:
-        raise ValueError(f"pope: prompt_template {template!r} is not a valid template ({e}); write a literal brace "
-                         "as '{{' or '}}'") from None
+        raise ValueError(f"pope: prompt_template {template!r} cannot be formatted: not a valid template ({e}); "
+                         "write a literal brace as '{{' or '}}'") from None
     unknown = sorted(fields - {"question"})
     if unknown:
-        raise ValueError(f"pope: prompt_template {template!r} has unknown placeholder(s) "
+        raise ValueError(f"pope: prompt_template {template!r} cannot be formatted: unknown placeholder(s) "
                          f"{', '.join('{' + f + '}' for f in unknown)}; the only placeholder is {{question}} (write a "
                          "literal brace as '{{' or '}}')")
     if "question" not in fields:

@@ -168,24 +168,35 @@ def test_results_record_what_the_key_covers(setup, tmp_path, capsys):
 
 
 def test_eval_lm_does_not_reuse_a_result_of_another_dtype(tmp_path, monkeypatch):
+    from evals import lm_model
     from evals.benchmarks import lm
     from evals.loading import LoadedModel
     from evals.method_specs import parse_methods
-    from evals.runner import run_lm
+    from evals.runner import LmOptions, run_lm
 
     calls = []
 
-    def fake_evaluate(model, tokenizer, tasks, work_dir, limit, include_path, seed):
-        calls.append(model.weight.dtype)
-        return {"metrics": {"copa": {"acc": 0.5 + 0.1 * len(calls)}}, "versions": {}, "n-samples": {}}
+    class FakeLM:  # stands in for the lm-eval model type: records which weights it would score with
+        def __init__(self, model, **kwargs):
+            self.model, self.handle = model, None
+
+        def close(self):
+            pass
+
+    def fake_evaluate(fake, tasks, manager, options):
+        calls.append(fake.model.weight.dtype)
+        return {"metrics": {"copa": {"acc": 0.5 + 0.1 * len(calls)}}, "stderr": {}, "versions": {},
+                "n-samples": {}, "samples": {}, "per_sample": {}}
 
     monkeypatch.setattr(lm, "evaluate_lm", fake_evaluate)
+    monkeypatch.setattr(lm, "task_manager", lambda *args: None)
+    monkeypatch.setattr(lm_model, "InterventionsLM", FakeLM)
     runs = parse_methods("none")
     fp32 = LoadedModel(torch.nn.Linear(1, 1), None, "llama", False, "tiny-lm", "float32")
-    first = run_lm(fp32, ["copa_local"], runs, tmp_path, limit=5)
-    again = run_lm(fp32, ["copa_local"], runs, tmp_path, limit=5)  # the same configuration: cached
+    first = run_lm(fp32, ["copa_local"], runs, tmp_path, LmOptions(limit=5))
+    again = run_lm(fp32, ["copa_local"], runs, tmp_path, LmOptions(limit=5))  # the same configuration: cached
     bf16 = LoadedModel(torch.nn.Linear(1, 1).to(torch.bfloat16), None, "llama", False, "tiny-lm", "bfloat16")
-    other = run_lm(bf16, ["copa_local"], runs, tmp_path, limit=5)
+    other = run_lm(bf16, ["copa_local"], runs, tmp_path, LmOptions(limit=5))
     assert calls == [torch.float32, torch.bfloat16]
     assert first["runs"][0]["metrics"] == again["runs"][0]["metrics"] != other["runs"][0]["metrics"]
     assert other["model"]["dtype"] == "bfloat16"
