@@ -164,9 +164,9 @@ def test_eval_lm_options(folder, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known core defect, not padding: on SmolLM2 with ACT a batch of two copies of "
-                   "one prompt differs from the prompt alone by 1.6e-6 even in float64 (none: 4e-14; same sink "
-                   "sets), 1.8e-2 on a COPA log-likelihood in fp32; the tiny models show 0")
+@pytest.mark.xfail(strict=True, reason="known open defect: on SmolLM2, ACT amplifies the base model's own padding "
+                   "difference (left-padded pair vs single runs: fp32 logits 2e-4 under ACT vs 4e-5 unwrapped; "
+                   "float64 8.9e-6 vs 7.2e-6), 1.8e-2 on a COPA log-likelihood; the tiny models show 0")
 def test_smollm2_batch_of_4_with_act_default_layers(smollm2, tasks):
     """The real SmolLM2-135M with ACT on all heads of layers 2..28: batch 4 = batch 1 on copa_local."""
     model, tokenizer = smollm2
