@@ -70,7 +70,7 @@ class Cca(Method):
                 f"cca: the {model.family} family uses 3-D M-RoPE position ids (temporal, height, width), which have "
                 "no 1-D position to remap; CCA is defined for 1-D RoPE only (shared/specs/cca.md §7)"
             )
-        self._family_layout, self._family, self._model_config = model.layout, model.family, model.config
+        self._family_layout, self._model_config = model.layout, model.config
         self._fixed = model.layout.fixed_grid(model.config, "cca")
         self._inputs: Mapping[str, Any] = {}
         self._layout: Rings | None = None
@@ -88,7 +88,7 @@ class Cca(Method):
         runs = [[(s, min(e, end)) for s, e in roles.image_spans(b) if s < end] for b in range(roles.batch_size)]
         blocks = (None if self._fixed is not None
                   else self._family_layout.image_grids(self._model_config, self._inputs, "cca"))
-        placed = place_grids(self._family, self._fixed, blocks, runs)
+        placed = place_grids(self._family_layout.name, self._fixed, blocks, runs)
         self._inputs = {}
         self._layout = build_layout(roles.valid[:, : roles.prompt_len], placed)
 
