@@ -239,6 +239,9 @@ def main() -> None:
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.new_tokens = args.new_tokens or (8 if args.quick else 16)
     args.methods = set(args.methods) if args.methods else None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA GPU visible to torch {torch.__version__} (a CPU build, or no driver); "
+                     "run on a GPU machine, or drop --device")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -8,27 +8,84 @@ are the keys `[k_j, 1]` and whose keys are the scaled queries `[q_i·scale, −l
 output is discarded. A mask that is `rank(k) <= rank(q)` for some ranks (CCA's concentric mask) runs as unmasked
 calls in rank order (`ranked_attention`) instead of one dense masked call.
 
-Available where PyTorch exposes a fused kernel returning the log-sum-exp and this module was checked against it: the
-CPU flash kernel (`_scaled_dot_product_flash_attention_for_cpu`, float32/float64/bfloat16). Elsewhere (CUDA
-included, untested for lack of a GPU) the core keeps its explicit blockwise rows and dense masks.
+Kernels (`kernel_for`): on CPU the flash kernel (`_scaled_dot_product_flash_attention_for_cpu`, float32 / float64 /
+bfloat16), checked against the explicit path by the CPU suite; on CUDA the memory-efficient kernel
+(`_scaled_dot_product_efficient_attention` with `compute_log_sumexp`, float32 / float16 / bfloat16), whose checks
+are the tests marked `cuda` (`benchmarks/device_check.sh`): no session has had a GPU to run them yet, so on CUDA
+this path is tested for dispatch only. Elsewhere (and float64 on CUDA) the core keeps its explicit blockwise rows and
+dense masks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
 
-_CPU_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: `kernel(query, key, value, is_causal, additive_mask_or_None, scale) -> (output (B, H, L, Dv), lse (B, H, L))`
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, "torch.Tensor | None", float],
+                  tuple[torch.Tensor, torch.Tensor]]
+_CPU_OP = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CUDA_OP = getattr(torch.ops.aten, "_scaled_dot_product_efficient_attention", None)
 #: logit given to query rows that must not count towards the attention keys receive (exp(−1e30) == 0)
 _EXCLUDED = 1e30
+#: the memory-efficient CUDA kernel wants head dims and bias rows 16-byte aligned: pad to this many elements
+_CUDA_ALIGN = 8
+_BIAS_ALIGN = 16
+
+
+def _cpu_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _CPU_OP(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`x` with zero columns appended up to a multiple of `multiple` (zeros change no dot product)."""
+    pad = -x.shape[-1] % multiple
+    return x if pad == 0 else torch.nn.functional.pad(x, (0, pad))
+
+
+def _cuda_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
+                 mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-efficient kernel in the CPU kernel's contract: head dims padded with zeros (the transposed call of
+    `received_attention` has `d + 1`), the bias expanded to every head and stored with aligned rows (as SDPA itself
+    pads it), the output cropped back, the log-sum-exp cut to the query length (the kernel pads it to 32)."""
+    q_len, dv = query.shape[2], value.shape[-1]
+    query, key, value = (_pad_last(x, _CUDA_ALIGN) for x in (query, key, value))
+    bias = None
+    if mask is not None:
+        full = mask.to(query.dtype).expand(query.shape[0], query.shape[1], q_len, key.shape[2])
+        bias = _pad_last(full, _BIAS_ALIGN)[..., : key.shape[2]]
+    out, lse, _, _ = _CUDA_OP(query, key, value, bias, True, 0.0, causal, scale=scale)
+    return out[..., :dv], lse[..., :q_len]
+
+
+#: device type -> (kernel, dtypes it was written for); the op must exist in this PyTorch build
+_KERNELS: dict[str, tuple[Kernel, tuple[torch.dtype, ...]]] = {
+    **({"cpu": (_cpu_kernel, (torch.float32, torch.float64, torch.bfloat16))} if _CPU_OP is not None else {}),
+    **({"cuda": (_cuda_kernel, (torch.float32, torch.float16, torch.bfloat16))} if _CUDA_OP is not None else {}),
+}
+
+
+def kernel_for(device_type: str, dtype: torch.dtype) -> Kernel | None:
+    """The fused kernel with log-sum-exp for tensors of this device type and dtype, or None (explicit path)."""
+    kernel, dtypes = _KERNELS.get(device_type, (None, ()))
+    return kernel if dtype in dtypes else None
 
 
 def available(query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
     """True when `attention_with_lse` and `received_attention` can run on these inputs."""
-    if _CPU_KERNEL is None or query.device.type != "cpu" or query.dtype not in _DTYPES:
+    if kernel_for(query.device.type, query.dtype) is None:
         return False
     return attention_mask is None or attention_mask.dtype in (torch.bool, query.dtype)
+
+
+def _kernel(x: torch.Tensor) -> Kernel:
+    kernel = kernel_for(x.device.type, x.dtype)
+    if kernel is None:
+        raise RuntimeError(f"no fused kernel for {x.device.type} {x.dtype}; check `fused.available` first")
+    return kernel
 
 
 def _additive(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +110,7 @@ def attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     mask = None if attention_mask is None else _additive(attention_mask[..., :key.shape[2]], query.dtype)
     if causal and key.shape[2] > q_len:  # prefill into an empty static cache: as transformers, drop the unused tail
         key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out, lse = _CPU_KERNEL(query, key, value, 0.0, causal, attn_mask=mask, scale=scaling)
+    out, lse = _kernel(query)(query, key, value, causal, mask, scaling)
     return out.transpose(1, 2).contiguous(), lse
 
 
@@ -77,10 +134,10 @@ def received_attention(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor
     cols = torch.cat([cols, torch.ones(*cols.shape[:3], 1, dtype=dtype, device=cols.device)], -1)
     values = torch.zeros_like(rows)  # the kernel wants values; only the log-sum-exp is read
     if allowed is None:  # key j is seen by rows i >= j: reversing both sequences makes that the kernel's causal pattern
-        _, total = _CPU_KERNEL(cols.flip(2), rows.flip(2), values, 0.0, True, scale=1.0)
+        _, total = _kernel(cols)(cols.flip(2), rows.flip(2), values, True, None, 1.0)
         return total.flip(2).exp()  # every key is seen by its own row; uncounted rows add exp(−1e30) = 0
     mask = allowed.transpose(-1, -2) & counted_rows[:, None, None, :]
-    _, total = _CPU_KERNEL(cols, rows, values, 0.0, False, attn_mask=_additive(mask, dtype), scale=1.0)
+    _, total = _kernel(cols)(cols, rows, values, False, _additive(mask, dtype), 1.0)
     return total.exp().masked_fill(~mask.any(-1), 0)  # a key no counted row sees: the kernel reports lse 0 there
 
 
@@ -127,13 +184,13 @@ def _segments(ranks: torch.Tensor) -> list[tuple[int, int, bool]]:
 def _segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, end: int, tied: bool,
              scaling: float) -> torch.Tensor:
     """Output `(1, heads, end - start, d)` of the sorted rows `[start, end)` (see `ranked_attention`)."""
-    rows = q[:, :, start:end]
+    rows, kernel = q[:, :, start:end], _kernel(q)
     if tied:
-        return _CPU_KERNEL(rows, k[:, :, :end], v[:, :, :end], 0.0, False, scale=scaling)[0]
-    out, lse = _CPU_KERNEL(rows, k[:, :, start:end], v[:, :, start:end], 0.0, True, scale=scaling)
+        return kernel(rows, k[:, :, :end], v[:, :, :end], False, None, scaling)[0]
+    out, lse = kernel(rows, k[:, :, start:end], v[:, :, start:end], True, None, scaling)
     if start == 0:
         return out
-    before, before_lse = _CPU_KERNEL(rows, k[:, :, :start], v[:, :, :start], 0.0, False, scale=scaling)
+    before, before_lse = kernel(rows, k[:, :, :start], v[:, :, :start], False, None, scaling)
     total = torch.logaddexp(lse, before_lse)
     dtype = total.dtype
     mixed = out.to(dtype) * torch.exp(lse - total)[..., None] + before.to(dtype) * torch.exp(before_lse - total)[..., None]
