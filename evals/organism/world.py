@@ -218,3 +218,34 @@ def _draw_shape(
         draw.rectangle((x, cy - third / 2, x1, cy + third / 2), fill=colour)
     else:
         raise ValueError(f"unknown shape {shape!r}")
+
+
+#: the world of `builtin:shapes-smollm2`: 24 COCO category words (each one SmolLM2 token after a space) in 6 real
+#: COCO co-occurrence groups (table, street, desk, farm, fruit, living room), one (shape, colour) icon per word
+COCO_OBJECTS: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
+    ("fork", "bar", (0, 0, 200)),
+    ("knife", "triangle", (200, 0, 0)),
+    ("spoon", "disc", (0, 140, 0)),
+    ("bowl", "ring", (130, 65, 0)),
+    ("car", "square", (200, 0, 0)),
+    ("bus", "frame", (220, 110, 0)),
+    ("truck", "diamond", (0, 0, 200)),
+    ("bicycle", "plus", (0, 140, 0)),
+    ("keyboard", "bar", (0, 0, 0)),
+    ("mouse", "disc", (140, 0, 170)),
+    ("laptop", "square", (0, 130, 130)),
+    ("tv", "frame", (0, 0, 0)),
+    ("cow", "ring", (0, 0, 0)),
+    ("sheep", "triangle", (140, 0, 170)),
+    ("horse", "plus", (130, 65, 0)),
+    ("dog", "diamond", (200, 0, 0)),
+    ("banana", "bar", (220, 110, 0)),
+    ("apple", "disc", (200, 0, 0)),
+    ("orange", "square", (220, 110, 0)),
+    ("broccoli", "plus", (0, 130, 130)),
+    ("chair", "triangle", (0, 130, 130)),
+    ("couch", "frame", (140, 0, 170)),
+    ("clock", "ring", (0, 0, 200)),
+    ("book", "diamond", (130, 65, 0)),
+)  # fmt: skip
+COCO_ICONS = World(COCO_OBJECTS)
