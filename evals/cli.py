@@ -41,7 +41,7 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
     """The data, model and decoding arguments shared by `eval` and `tune` (one parser per benchmark)."""
     pope.add_argument("--questions", help="POPE question file (JSON Lines or JSON array), or a folder of "
                                           "*_pope_{random,popular,adversarial}.json files; default for "
-                                          "builtin:shapes-vlm: the shipped shapes-POPE")
+                                          "builtin:shapes-vlm / builtin:shapes-smollm2: its shipped shapes-POPE")
     pope.add_argument("--images", help="folder of the images the questions name")
     pope.add_argument("--parser", default="official", help="official | lmms-eval | vlmevalkit")
     pope.add_argument("--prompt", help="prompt template with {question}; default LLaVA-1.5's (shapes-POPE: "
@@ -52,8 +52,8 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
     truth = chair.add_mutually_exclusive_group()
     truth.add_argument("--objects", help="per-image ground-truth objects (the shipped coco2014_objects.json.gz)")
     truth.add_argument("--annotations", help="folder with COCO 2014 instances_*/captions_* JSON files")
-    chair.add_argument("--prompt", help="default 'Please describe this image in detail.' (shapes-CHAIR: "
-                                        "'describe the image .')")
+    chair.add_argument("--prompt", help="default 'Please describe this image in detail.' (shapes-CHAIR: the "
+                                        "organism's own, e.g. 'describe the image .')")
 
     lm.add_argument("--tasks", help="comma-separated lm-eval task names (default for builtin:smollm2: "
                                     f"{','.join(DEFAULT_LM_TASKS)})")
@@ -68,8 +68,8 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
                                                                ".jsonl")
 
     for parser in (pope, chair, lm):
-        parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2 or "
-                                                              "builtin:shapes-vlm")
+        parser.add_argument("--model", required=True, help="hub id, local path, builtin:smollm2, "
+                                                              "builtin:shapes-vlm or builtin:shapes-smollm2")
         parser.add_argument("--limit", type=int, help="evaluate the first N samples of each split only")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | auto")
@@ -82,10 +82,11 @@ def add_data_arguments(pope: argparse.ArgumentParser, chair: argparse.ArgumentPa
         parser.add_argument("--gen-kwargs", help="generate() options, lm-eval style: num_beams=5,do_sample=False "
                                                  "(default greedy); recorded in the run key")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar (also INTERVENTIONS_NO_PROGRESS=1)")
-        parser.add_argument("--shapes", action="store_true", help="the shipped shapes data (the default of "
-                                                                  "builtin:shapes-vlm), e.g. for a retrained organism")
-        parser.add_argument("--full", action="store_true", help="with the shapes data: all 500 POPE / 1,000 CHAIR "
-                                                                "scenes (default: the first 20 / 100)")
+        parser.add_argument("--shapes", nargs="?", const="shapes-vlm", choices=sorted(SHAPES_DATA),
+                            help="an organism's shipped shapes data (the default of its builtin), e.g. for a "
+                                 "retrained organism; alone: shapes-vlm's")
+        parser.add_argument("--full", action="store_true", help="with the shapes data: the full test split "
+                                                                "(default: the quick set)")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -133,9 +134,9 @@ def run_eval(args: argparse.Namespace) -> int:
         benchmark = _benchmark(args)  # data and prompt template checked first, then the model's options
         check_load_options(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
         if args.batch_size is None:  # the organism's prompts are short and equal in length: batch them
-            from .benchmarks.shapes import IMAGES
+            from .benchmarks.shapes import is_shipped
 
-            args.batch_size = SHAPES_BATCH_SIZE if benchmark.images == IMAGES else 1
+            args.batch_size = SHAPES_BATCH_SIZE if is_shipped(benchmark.images) else 1
         spec = ModelSpec(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit)
         plan = plan_generation(benchmark, runs, spec, args.batch_size, args.limit, args.max_new_tokens, gen_kwargs,
                                args.seed)
@@ -177,8 +178,17 @@ def _interrupted_in(out: Path) -> Iterator[None]:
 
 
 SHAPES_MODEL = "builtin:shapes-vlm"
+#: organism → its builtin name; an organism's builtin defaults to its own shapes data
+SHAPES_DATA = {"shapes-vlm": SHAPES_MODEL, "shapes-smollm2": "builtin:shapes-smollm2"}
 SHAPES_BATCH_SIZE = 100
 _DATA_ARGS = {"pope": ("questions", "images"), "chair": ("images", "image_ids", "objects", "annotations")}
+
+
+def shapes_organism(args: argparse.Namespace) -> str | None:
+    """The organism whose shipped data `args` selects: `--shapes NAME`, else the builtin's own, else `None`."""
+    if args.shapes:
+        return args.shapes
+    return next((name for name, model in SHAPES_DATA.items() if model == args.model), None)
 
 
 def _benchmark(args: argparse.Namespace):
@@ -189,17 +199,19 @@ def _benchmark(args: argparse.Namespace):
     if args.shapes and given:
         raise ValueError(f"--shapes replaces the data arguments; drop --{given[0].replace('_', '-')}")
     if not given:
-        if args.model != SHAPES_MODEL and not args.shapes:
+        organism = shapes_organism(args)
+        if organism is None:
             needed = "--questions and --images" if args.benchmark == "pope" else \
                 "--images, --image-ids and one of --objects / --annotations"
-            raise ValueError(f"eval {args.benchmark} needs {needed} (or --shapes; {SHAPES_MODEL} defaults to it)")
+            raise ValueError(f"eval {args.benchmark} needs {needed} (or --shapes; "
+                             f"{' and '.join(SHAPES_DATA.values())} default to their own)")
         if args.benchmark == "pope":
             if args.prompt is not None:
                 raise ValueError("--prompt applies to your own question files; shapes-POPE uses the organism's")
-            return shapes.shapes_pope(full=args.full, parser=args.parser)
+            return shapes.shapes_pope(full=args.full, parser=args.parser, organism=organism)
         if args.prompt is not None:
             raise ValueError("--prompt applies to your own images; shapes-CHAIR uses the organism's")
-        return shapes.shapes_chair(full=args.full)
+        return shapes.shapes_chair(full=args.full, organism=organism)
     if args.full:
         raise ValueError("--full selects the size of the shipped shapes data; it does not apply to other data")
     if args.benchmark == "pope":

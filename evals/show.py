@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: the default scene of `builtin:shapes-vlm` (a test scene with three objects, the first of shapes-POPE)
+#: the default scene of the shapes builtins (the first test scene of each organism's data)
 DEFAULT_SHAPES_IMAGE = "shapes_000001.png"
 DEFAULT_QUESTION = "Please describe this image in detail."
 
@@ -19,9 +19,12 @@ def add_show_command(subparsers: argparse._SubParsersAction) -> None:
     """Add `show` to the `interventions` parser (sets `args.run`)."""
     show = subparsers.add_parser("show", help="attention maps: heat map over the image tokens and image-attention "
                                               "share per generated token, one row per method")
-    show.add_argument("--model", required=True, help="a VLM: hub id, local path or builtin:shapes-vlm")
-    show.add_argument("--image", help=f"image file (builtin:shapes-vlm: default the test scene {DEFAULT_SHAPES_IMAGE})")
-    show.add_argument("--question", help=f"default {DEFAULT_QUESTION!r} (shapes: 'describe the image .')")
+    show.add_argument("--model", required=True, help="a VLM: hub id, local path, builtin:shapes-vlm or "
+                                                           "builtin:shapes-smollm2")
+    show.add_argument("--image", help=f"image file (shapes builtins: default their test scene "
+                                           f"{DEFAULT_SHAPES_IMAGE})")
+    show.add_argument("--question", help=f"default {DEFAULT_QUESTION!r} (shapes builtins: their description "
+                                                                         "prompt)")
     show.add_argument("--methods", default="none,pai", help="comma-separated runs, e.g. none,pai,var")
     show.add_argument("--params", help='JSON {"method": {"parameter": value}}, a JSON file or a tuned.json')
     show.add_argument("--layers", help="comma-separated decoder layers to average (default: the middle half)")
@@ -34,20 +37,22 @@ def add_show_command(subparsers: argparse._SubParsersAction) -> None:
 def run_show(args: argparse.Namespace) -> int:
     """Validate, load, map each method, write the figure."""
     from .benchmarks.base import Sample
-    from .benchmarks.shapes import CHAIR_PROMPT, IMAGES
-    from .cli import SHAPES_MODEL, _writable_dir
+    from .benchmarks.shapes import DATASETS
+    from .cli import SHAPES_DATA, _writable_dir
     from .runner import build_inputs, parse_methods
 
     runs = parse_methods(args.methods, args.params)
     layers = _layers(args.layers)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.image is None and args.model != SHAPES_MODEL:
-        raise ValueError(f"show needs --image (only {SHAPES_MODEL} has a default scene)")
-    image = Path(args.image) if args.image is not None else IMAGES / DEFAULT_SHAPES_IMAGE
+    organism = next((name for name, model in SHAPES_DATA.items() if model == args.model), None)
+    if args.image is None and organism is None:
+        raise ValueError(f"show needs --image (only {' and '.join(SHAPES_DATA.values())} have a default scene)")
+    data = DATASETS[organism] if organism is not None else None
+    image = Path(args.image) if args.image is not None else data.images / DEFAULT_SHAPES_IMAGE
     if not image.is_file():
         raise ValueError(f"--image {str(image)!r}: no such file")
-    question = args.question or (CHAIR_PROMPT if args.model == SHAPES_MODEL else DEFAULT_QUESTION)
+    question = args.question or (data.chair_prompt if data is not None else DEFAULT_QUESTION)
     out = _writable_dir(args.out)
     from .loading import load_model
 

@@ -204,15 +204,16 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def _generation_splits(args: argparse.Namespace) -> tuple[str, Evaluate, Evaluate]:
     from .benchmarks import generation, shapes
-    from .cli import _DATA_ARGS, SHAPES_BATCH_SIZE, _benchmark, _load
+    from .cli import _DATA_ARGS, SHAPES_BATCH_SIZE, _benchmark, _load, shapes_organism
     from .runner import run_generation
 
     test_bench = _benchmark(args)
     builtin = not any(getattr(args, a) is not None for a in _DATA_ARGS[args.benchmark])
     dev_file = getattr(args, "dev_questions", None) or getattr(args, "dev_image_ids", None)
     if builtin and dev_file is None:
-        dev_bench = shapes.shapes_pope(parser=args.parser, dev=True) if args.benchmark == "pope" else \
-            shapes.shapes_chair(dev=True)
+        organism = shapes_organism(args)
+        dev_bench = shapes.shapes_pope(parser=args.parser, dev=True, organism=organism) \
+            if args.benchmark == "pope" else shapes.shapes_chair(dev=True, organism=organism)
     elif dev_file is not None:
         dev_bench = generation.pope_benchmark(Path(dev_file), test_bench.images, args.parser, args.prompt) \
             if args.benchmark == "pope" else generation.chair_benchmark(
@@ -229,7 +230,7 @@ def _generation_splits(args: argparse.Namespace) -> tuple[str, Evaluate, Evaluat
         ids = [s.id for s in dev_bench.samples()]
         dev_bench = Subset(dev_bench, tuple(ids[args.dev_offset:args.dev_offset + (args.dev_limit or len(ids))]),
                            "dev")
-    batch = args.batch_size or (SHAPES_BATCH_SIZE if test_bench.images == shapes.IMAGES else 1)
+    batch = args.batch_size or (SHAPES_BATCH_SIZE if shapes.is_shipped(test_bench.images) else 1)
     from .preflight import check_images, select_samples
 
     for bench, limit in ((dev_bench, None), (test_bench, args.limit)):  # every image opened once, before loading

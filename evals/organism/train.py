@@ -50,10 +50,11 @@ def make_example(rng: np.random.Generator, hidden_yes: float = HIDDEN_YES, hidde
     return Example(M.prompt_ids(text), [M.TOKEN_ID[w] for w in answer] + [M.TOKEN_ID[M.EOS]], render(scene))
 
 
-def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `attention_mask`, `labels` (-100 outside the targets) and `pixel_values`."""
+def collate(examples: list, pad: int | None = None, pixel_values=M.pixel_values) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, `labels` (-100 outside the targets) and `pixel_values` of
+    examples with `prompt`, `target` (token ids) and `image`; `pad` defaults to this organism's pad token."""
     length = max(len(e.prompt) + len(e.target) for e in examples)
-    ids = torch.full((len(examples), length), M.TOKEN_ID[M.PAD], dtype=torch.long)
+    ids = torch.full((len(examples), length), M.TOKEN_ID[M.PAD] if pad is None else pad, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE)
     mask = torch.zeros_like(ids)
     for i, e in enumerate(examples):
@@ -62,7 +63,7 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
         labels[i, len(e.prompt) : len(seq)] = torch.tensor(e.target)
         mask[i, : len(seq)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": M.pixel_values([e.image for e in examples])}
+            "pixel_values": pixel_values([e.image for e in examples])}
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
