@@ -184,11 +184,14 @@ SHAPES_BATCH_SIZE = 100
 _DATA_ARGS = {"pope": ("questions", "images"), "chair": ("images", "image_ids", "objects", "annotations")}
 
 
+def builtin_organism(model_id: str) -> str | None:
+    """The organism whose shipped shapes data is `model_id`'s default (a shapes builtin), else `None`."""
+    return next((name for name, model in SHAPES_DATA.items() if model == model_id), None)
+
+
 def shapes_organism(args: argparse.Namespace) -> str | None:
     """The organism whose shipped data `args` selects: `--shapes NAME`, else the builtin's own, else `None`."""
-    if args.shapes:
-        return args.shapes
-    return next((name for name, model in SHAPES_DATA.items() if model == args.model), None)
+    return args.shapes or builtin_organism(args.model)
 
 
 def _benchmark(args: argparse.Namespace):

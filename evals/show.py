@@ -38,14 +38,14 @@ def run_show(args: argparse.Namespace) -> int:
     """Validate, load, map each method, write the figure."""
     from .benchmarks.base import Sample
     from .benchmarks.shapes import DATASETS
-    from .cli import SHAPES_DATA, _writable_dir
+    from .cli import SHAPES_DATA, _writable_dir, builtin_organism
     from .runner import build_inputs, parse_methods
 
     runs = parse_methods(args.methods, args.params)
     layers = _layers(args.layers)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    organism = next((name for name, model in SHAPES_DATA.items() if model == args.model), None)
+    organism = builtin_organism(args.model)
     if args.image is None and organism is None:
         raise ValueError(f"show needs --image (only {' and '.join(SHAPES_DATA.values())} have a default scene)")
     data = DATASETS[organism] if organism is not None else None

@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args(argv)
     from ..benchmarks.shapes import DATASETS
-    from ..cli import SHAPES_DATA
+    from ..cli import builtin_organism
     from ..loading import load_model
 
-    organism = args.organism or next((o for o, m in SHAPES_DATA.items() if m == args.model), None)
+    organism = args.organism or builtin_organism(args.model)
     if organism is None:
         parser.error(f"--organism is needed for {args.model} (one of {', '.join(DATASETS)})")
     loaded = load_model(args.model)

@@ -23,11 +23,10 @@ import torch
 import transformers
 from PIL import Image
 
+from .model import IMAGE_TOKENS, PATCH_SIZE  # the same 48-px scenes and patch grid as builtin:shapes-vlm
 from .world import IMAGE_SIZE
 
 IMAGE = "<image>"
-PATCH_SIZE = 8
-IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 36: CLIP's CLS feature is dropped ("default" strategy)
 PRESENCE_PROMPT = "Is there a {} in the image?"
 DESCRIBE_PROMPT = "Describe the image."
 CHAT_TEMPLATE = (

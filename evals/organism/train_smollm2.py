@@ -83,12 +83,17 @@ def make_example(rng: np.random.Generator, tokens: Tokens, hidden_q: float = 0.0
     """Half presence questions (yes / no balanced), half descriptions of the drawn objects in id order."""
     scene = WORLD.sample_scene(rng)
     if rng.random() < 0.5:
-        obj, present = WORLD.presence_question(scene, rng)
-        question, answer = V.PRESENCE_PROMPT.format(WORLD.words[obj]), "Yes" if present else "No"
-    else:
-        named = WORLD.describe(scene, rng, hidden_q) if hidden_q > 0 else list(scene.objects)
-        question, answer = V.DESCRIBE_PROMPT, V.describe_text([WORLD.words[o] for o in named])
-    return Example(tokens.prompt(question), tokens.answer(answer), WORLD.render(scene))
+        return _presence(scene, rng, tokens)
+    named = WORLD.describe(scene, rng, hidden_q) if hidden_q > 0 else list(scene.objects)
+    return Example(tokens.prompt(V.DESCRIBE_PROMPT), tokens.answer(V.describe_text([WORLD.words[o] for o in named])),
+                   WORLD.render(scene))
+
+
+def _presence(scene: Scene, rng: np.random.Generator, tokens: Tokens) -> Example:
+    """A presence question about `scene` (yes / no balanced)."""
+    obj, present = WORLD.presence_question(scene, rng)
+    return Example(tokens.prompt(V.PRESENCE_PROMPT.format(WORLD.words[obj])), tokens.answer("Yes" if present else "No"),
+                   WORLD.render(scene))
 
 
 def collate(examples: list[Example], pad: int) -> dict[str, torch.Tensor]:
@@ -247,10 +252,7 @@ def train(seed: int, out: Path | None, align_steps: int = 400, steps: int = 500,
 
 def presence_example(rng: np.random.Generator, tokens: Tokens) -> Example:
     """A held-out presence question (yes / no balanced)."""
-    scene = WORLD.sample_scene(rng)
-    obj, present = WORLD.presence_question(scene, rng)
-    return Example(tokens.prompt(V.PRESENCE_PROMPT.format(WORLD.words[obj])), tokens.answer("Yes" if present else "No"),
-                   WORLD.render(scene))
+    return _presence(WORLD.sample_scene(rng), rng, tokens)
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
